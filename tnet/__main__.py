@@ -1,0 +1,7 @@
+"""``python3 -m tnet`` runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

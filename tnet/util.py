@@ -1,0 +1,301 @@
+"""Configuration and small helpers shared by the daemon and the CLI.
+
+Holds ``Config`` and ``load_config`` (from an environment mapping, so tests
+pass a plain dict), the value parsers, the discovery of the machine's IPv4
+broadcast addresses, the clock, logging setup and human formatting.
+Imports nothing from tnet; does no I/O beyond asking the OS about its
+interfaces and host name.
+
+Environment variables (the one table; the README repeats it):
+
+=====================  ==========================  ==========================================
+variable               default                     meaning
+=====================  ==========================  ==========================================
+EVENT_SOCKET           ./run/tnet/events           UNIX socket publishing events
+COMMAND_SOCKET         ./run/tnet/commands         UNIX socket taking commands
+                                                   (COMMAND_SOKET, the historical spelling,
+                                                   is read when COMMAND_SOCKET is unset)
+BROADCAST_PORT         0xC0DE (49374)              UDP discovery port
+RECEIVE_PORT           0xC00D (49165)              TCP data port
+FILE_SAVE_DIR          Downloads                   where received files land
+REPORT_PROGRESS_IN     0                           1: progress events for incoming transfers
+REPORT_PROGRESS_OUT    0                           1: progress events for outgoing transfers
+BIND_ADDRESS           0.0.0.0                     IPv4 address TCP and UDP serve on
+BROADCAST_ADDRESS      every up interface's        comma-separated discovery targets
+                       directed broadcast
+TEMP_DIR               the system temp dir         where incoming files grow until verified
+HOST_NAME              the host name               the name this daemon announces
+IDLE_TIMEOUT           30                          seconds a peer may stay silent mid-exchange
+HANDSHAKE_TIMEOUT      10                          seconds a new connection has to say who it is
+MAX_CONNECTIONS        512                         open TCP connections, both directions
+ACCEPT                 auto                        auto: take every offer; ask: wait for
+                                                   `tnet accept ID` / `tnet decline ID`
+ASK_TIMEOUT            120                         seconds an offer waits in ask mode
+ALLOW_FROM             (everyone)                  comma-separated IPv4 addresses or networks
+                                                   whose offers and messages are taken
+LOG_LEVEL              info                        debug, info, warning or error
+=====================  ==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Tuple
+
+DEFAULT_EVENT_SOCKET = "./run/tnet/events"
+DEFAULT_COMMAND_SOCKET = "./run/tnet/commands"
+DEFAULT_BROADCAST_PORT = 0xC0DE
+DEFAULT_RECEIVE_PORT = 0xC00D
+MAX_TIMEOUT_S = 24 * 3600.0  # a longer timeout is a typo
+LIMITED_BROADCAST = "255.255.255.255"
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    event_socket: str = DEFAULT_EVENT_SOCKET
+    command_socket: str = DEFAULT_COMMAND_SOCKET
+    broadcast_port: int = DEFAULT_BROADCAST_PORT
+    receive_port: int = DEFAULT_RECEIVE_PORT
+    save_dir: str = "Downloads"
+    report_progress_in: bool = False
+    report_progress_out: bool = False
+    bind_address: str = "0.0.0.0"
+    broadcast_addresses: Tuple[str, ...] = ()
+    temp_dir: str = field(default_factory=tempfile.gettempdir)
+    host_name: str = field(default_factory=socket.gethostname)
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_connections: int = 512
+    accept: str = "auto"
+    ask_timeout: float = 120.0
+    allow_from: Tuple[ipaddress.IPv4Network, ...] = ()
+    log_level: str = "info"
+
+    def allows(self, address: str) -> bool:
+        """Whether ALLOW_FROM lets ``address`` send offers and messages."""
+        if not self.allow_from:
+            return True
+        ip = ipaddress.IPv4Address(address)
+        return any(ip in net for net in self.allow_from)
+
+
+# --- Parsers: each takes the variable's name for its error message -----------
+
+
+def parse_int(name: str, text: str, low: int, high: int) -> int:
+    """Decimal or 0x-hex integer within [low, high]."""
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: not a number (decimal or 0x-hex)") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={text!r}: must be {low} to {high}")
+    return value
+
+
+def parse_port(name: str, text: str) -> int:
+    return parse_int(name, text, 1, 65535)
+
+
+def parse_bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={text!r}: use 1 or 0")
+
+
+def parse_seconds(name: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: not a number of seconds") from None
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{name}={text!r}: must be over 0 and at most {MAX_TIMEOUT_S:g}")
+    return value
+
+
+def parse_address(name: str, text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: not an IPv4 address") from None
+
+
+def parse_address_list(name: str, text: str) -> Tuple[str, ...]:
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{name}={text!r}: a comma-separated list of IPv4 addresses")
+    return tuple(parse_address(name, item) for item in items)
+
+
+def parse_network_list(name: str, text: str) -> Tuple[ipaddress.IPv4Network, ...]:
+    nets = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            nets.append(ipaddress.IPv4Network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: {item.strip()!r} is not an IPv4 address or network") from None
+    return tuple(nets)
+
+
+def parse_choice(name: str, text: str, choices: Tuple[str, ...]) -> str:
+    value = text.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={text!r}: one of {', '.join(choices)}")
+    return value
+
+
+def command_socket_path(env: Mapping[str, str]) -> str:
+    return env.get("COMMAND_SOCKET") or env.get("COMMAND_SOKET") or DEFAULT_COMMAND_SOCKET
+
+
+def event_socket_path(env: Mapping[str, str]) -> str:
+    return env.get("EVENT_SOCKET") or DEFAULT_EVENT_SOCKET
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Read every variable of the table above; raise ConfigError on a bad one."""
+    values: dict = {
+        "event_socket": event_socket_path(env),
+        "command_socket": command_socket_path(env),
+    }
+    parsers = {
+        "BROADCAST_PORT": ("broadcast_port", parse_port),
+        "RECEIVE_PORT": ("receive_port", parse_port),
+        "REPORT_PROGRESS_IN": ("report_progress_in", parse_bool),
+        "REPORT_PROGRESS_OUT": ("report_progress_out", parse_bool),
+        "BIND_ADDRESS": ("bind_address", parse_address),
+        "BROADCAST_ADDRESS": ("broadcast_addresses", parse_address_list),
+        "IDLE_TIMEOUT": ("idle_timeout", parse_seconds),
+        "HANDSHAKE_TIMEOUT": ("handshake_timeout", parse_seconds),
+        "MAX_CONNECTIONS": ("max_connections", lambda n, t: parse_int(n, t, 1, 65536)),
+        "ACCEPT": ("accept", lambda n, t: parse_choice(n, t, ("auto", "ask"))),
+        "ASK_TIMEOUT": ("ask_timeout", parse_seconds),
+        "ALLOW_FROM": ("allow_from", parse_network_list),
+        "LOG_LEVEL": ("log_level", lambda n, t: parse_choice(n, t, ("debug", "info", "warning", "error"))),
+    }
+    for var, (attr, parse) in parsers.items():
+        text = env.get(var)
+        if text is not None and text != "":
+            values[attr] = parse(var, text)
+    for var, attr in (("FILE_SAVE_DIR", "save_dir"), ("TEMP_DIR", "temp_dir"), ("HOST_NAME", "host_name")):
+        if env.get(var):
+            values[attr] = env[var]
+    config = Config(**values)
+    if not config.host_name.isprintable() or len(config.host_name.encode("utf-8", "replace")) > 64:
+        raise ConfigError(f"HOST_NAME={config.host_name!r}: printable, at most 64 bytes")
+    return config
+
+
+def broadcast_targets(config: Config) -> Tuple[str, ...]:
+    """BROADCAST_ADDRESS if set, else every up interface's directed broadcast."""
+    if config.broadcast_addresses:
+        return config.broadcast_addresses
+    found = interface_broadcasts()
+    return tuple(found) if found else (LIMITED_BROADCAST,)
+
+
+# --- Interfaces -----------------------------------------------------------------
+
+# ioctl request numbers: the same idea on each system, different values.
+_IOCTLS = {
+    "linux": (0x8913, 0x8919),  # SIOCGIFFLAGS, SIOCGIFBRDADDR
+    "darwin": (0xC0206911, 0xC0206923),
+}
+_IFF_UP, _IFF_BROADCAST, _IFF_LOOPBACK = 0x1, 0x2, 0x8
+_IFREQ = struct.Struct("16s16s")  # ifr_name, then the union holding flags or an address
+
+
+def interface_broadcasts() -> List[str]:
+    """The directed broadcast address of every up, non-loopback IPv4 interface.
+
+    Asked of the interfaces themselves (no default route needed). Empty where
+    the system or the ioctls are unknown; the caller then falls back on
+    255.255.255.255.
+    """
+    requests = _IOCTLS.get("darwin" if sys.platform == "darwin" else sys.platform)
+    if requests is None or not hasattr(socket, "if_nameindex"):
+        return []
+    import fcntl  # Unix only: imported here so that util stays importable elsewhere
+
+    get_flags, get_broadcast = requests
+    found: List[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            ifname = name.encode()[:15]
+            try:
+                flags_raw = fcntl.ioctl(sock.fileno(), get_flags, _IFREQ.pack(ifname, b""))
+                flags = struct.unpack_from("H", flags_raw, 16)[0]
+                if not flags & _IFF_UP or not flags & _IFF_BROADCAST or flags & _IFF_LOOPBACK:
+                    continue
+                raw = fcntl.ioctl(sock.fileno(), get_broadcast, _IFREQ.pack(ifname, b""))
+            except OSError:  # no IPv4 address on it, or it went away meanwhile
+                continue
+            address = socket.inet_ntoa(raw[20:24])  # sockaddr_in: family, port, address
+            if address != "0.0.0.0" and address not in found:
+                found.append(address)
+    return found
+
+
+# --- Clock, logging, formatting ---------------------------------------------------
+
+
+def monotonic() -> float:
+    """The clock deadlines are measured on; tests inject their own."""
+    return time.monotonic()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s tnet %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(size: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in _UNITS:
+        if abs(size) < 1024 or unit == _UNITS[-1]:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_rate(size: float, seconds: float) -> str:
+    return human_size(size / seconds if seconds > 0 else 0) + "/s"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character escaped, so that a
+    hostile name cannot drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
