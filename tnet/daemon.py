@@ -1558,6 +1558,7 @@ def cmd_status(daemon: Daemon, client: ClientConn, args: Dict[str, Any]) -> None
         "idle_timeout": cfg.idle_timeout,
         "transfers": [conn.describe() for conn in daemon.transfers.values()],
         "peers": len(daemon.peers),
+        "subscribers": len(daemon.subscribers),
     })
 
 
