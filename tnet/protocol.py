@@ -369,6 +369,7 @@ class StreamDecoder:
         self._buf = bytearray()
         self._data_left = 0  # raw bytes still due for the current file
         self._entries_left = 0  # entries still due in the accepted batch
+        self._bytes_left = 0  # of the size the offer announced
         self._expect_end = False
         self._first = True  # the acceptor's first frame decides the connection
         self._error: Optional[RemoteProtocolError] = None
@@ -396,7 +397,8 @@ class StreamDecoder:
         """The peer closed its side. Mid-frame or mid-file that is an error."""
         if self._error is not None:
             raise self._error
-        if self._state == _DATA or self._buf or self._expect_end or self._entries_left:
+        silent = self.role == "acceptor" and self._first  # opened, said nothing
+        if self._state == _DATA or self._buf or self._expect_end or self._entries_left or silent:
             self._error = RemoteProtocolError("truncated", "connection closed mid-transfer")
             raise self._error
         if self._state == _PREFACE:
@@ -489,10 +491,14 @@ class StreamDecoder:
         event = _build_event(kind, obj)
         self._first = False
         if isinstance(event, Offer):
-            self._entries_left = event.entries
+            self._entries_left, self._bytes_left = event.entries, event.size
         elif isinstance(event, (FileHeader, Folder)):
             self._entries_left -= 1
         if isinstance(event, FileHeader):
+            if event.size > self._bytes_left:  # the offer's size was checked against free space
+                raise RemoteProtocolError("size-mismatch", f"file of {event.size} bytes exceeds what the offer "
+                                                           f"announced ({self._bytes_left} left)")
+            self._bytes_left -= event.size
             self._expect_end = True
             if event.size:
                 self._state = _DATA

@@ -1,0 +1,460 @@
+"""protocol.py without sockets: round trips, splits, malformed input, limits."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+import struct
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tnet import protocol as p
+
+SHA = hashlib.sha256(b"hello").hexdigest()
+NONCE = "0123456789abcdef" * 2
+
+
+def frame(obj) -> bytes:
+    payload = json.dumps(obj).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+def batch_stream(files) -> bytes:
+    """What a sender writes: preface, offer, then each file and its end."""
+    out = [p.encode_preface(), p.encode_frame(p.Offer("alpha", len(files), sum(len(d) for _, d in files)))]
+    for index, (name, data) in enumerate(files):
+        out.append(p.encode_frame(p.FileHeader(index, (name,), len(data))))
+        out.append(data)
+        out.append(p.encode_frame(p.FileEnd(hashlib.sha256(data).hexdigest())))
+    return b"".join(out)
+
+
+def decode_all(stream: bytes, role: str = "acceptor", splits=None):
+    """Feed ``stream`` in pieces; join the FileData so that results compare."""
+    decoder = p.StreamDecoder(role)
+    pieces = [stream] if splits is None else split_at(stream, splits)
+    events = []
+    for piece in pieces:
+        for event in decoder.feed(piece):
+            if isinstance(event, p.FileData):
+                data = bytes(event.data)
+                if events and isinstance(events[-1], p.FileData):
+                    events[-1] = p.FileData(bytes(events[-1].data) + data)
+                else:
+                    events.append(p.FileData(data))
+            else:
+                events.append(event)
+    events += decoder.feed_eof()
+    return events
+
+
+def split_at(data: bytes, points) -> list:
+    points = sorted(set(min(max(0, x), len(data)) for x in points))
+    edges = [0] + points + [len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:])]
+
+
+FILES = [("a.txt", b"hello"), ("empty", b""), ("big.bin", bytes(range(256)) * 1000)]
+EXPECTED = [
+    p.Offer("alpha", 3, 5 + 256000),
+    p.FileHeader(0, ("a.txt",), 5), p.FileData(b"hello"), p.FileEnd(SHA),
+    p.FileHeader(1, ("empty",), 0), p.FileEnd(hashlib.sha256(b"").hexdigest()),
+    p.FileHeader(2, ("big.bin",), 256000), p.FileData(bytes(range(256)) * 1000),
+    p.FileEnd(hashlib.sha256(bytes(range(256)) * 1000).hexdigest()),
+]
+
+
+# --- round trips ---------------------------------------------------------------
+
+
+def test_batch_round_trip_whole():
+    assert decode_all(batch_stream(FILES)) == EXPECTED
+
+
+EXPECTED_TWO = [p.Offer("alpha", 2, 5)] + EXPECTED[1:6]  # FILES[:2]
+
+
+def test_batch_round_trip_byte_by_byte():
+    stream = batch_stream(FILES[:2])
+    assert decode_all(stream, splits=range(len(stream))) == EXPECTED_TWO
+
+
+def test_batch_round_trip_at_random_split_points():
+    stream = batch_stream(FILES)
+    rng = random.Random(7)
+    for _ in range(200):
+        points = [rng.randrange(len(stream) + 1) for _ in range(rng.randrange(1, 12))]
+        assert decode_all(stream, splits=points) == EXPECTED
+
+
+@pytest.mark.parametrize("event", [
+    p.Announce("host", NONCE), p.Message("host", "hi ✓\n\x00"), p.Offer("h", 0, 0), p.Error("refused", "no"),
+])
+def test_first_frames_round_trip(event):
+    assert decode_all(p.encode_preface() + p.encode_frame(event)) == [event]
+
+
+@pytest.mark.parametrize("event", [
+    p.Ack("bravo"), p.Accept("bravo"), p.Done(0), p.Failed(3, "verify-failed", "x"), p.Error("no-space", "full"),
+])
+def test_answers_round_trip(event):
+    assert decode_all(p.encode_preface() + p.encode_frame(event), role="initiator") == [event]
+
+
+def test_folder_and_nested_paths_round_trip():
+    stream = p.encode_preface() + p.encode_frame(p.Offer("h", 2, 1)) + p.encode_frame(p.Folder(0, ("d",))) \
+        + p.encode_frame(p.FileHeader(1, ("d", "e", "f.txt"), 1)) + b"x" \
+        + p.encode_frame(p.FileEnd(hashlib.sha256(b"x").hexdigest()))
+    events = decode_all(stream)
+    assert events[1] == p.Folder(0, ("d",)) and events[2].path == ("d", "e", "f.txt")
+
+
+def test_sender_may_disown_a_file_in_place_of_its_end():
+    stream = p.encode_preface() + p.encode_frame(p.Offer("h", 1, 1)) + p.encode_frame(p.FileHeader(0, ("f",), 1)) \
+        + b"x" + p.encode_frame(p.Failed(0, "file-changed", "f changed"))
+    assert decode_all(stream)[-1] == p.Failed(0, "file-changed", "f changed")
+
+
+def test_file_data_views_the_callers_buffer_without_copy():
+    decoder = p.StreamDecoder("acceptor")
+    decoder.feed(p.encode_preface() + p.encode_frame(p.Offer("h", 1, 10)) + p.encode_frame(
+        p.FileHeader(0, ("f",), 10)))
+    assert decoder.data_remaining == 10
+    buf = bytearray(b"0123456789")
+    [chunk] = decoder.feed(memoryview(buf))
+    assert isinstance(chunk.data, memoryview) and chunk.data.obj is buf
+
+
+def test_datagram_round_trip():
+    request = p.DiscoveryRequest("alpha", NONCE, 49165)
+    assert p.decode_datagram(p.encode_discovery(request)) == request
+
+
+def test_line_decoder_splits_lines_and_skips_blank_ones():
+    decoder = p.LineDecoder()
+    assert decoder.feed(b'{"cmd":"status"}\n\n{"cmd"') == [b'{"cmd":"status"}']
+    assert decoder.feed(b':"peers"}\n') == [b'{"cmd":"peers"}']
+
+
+def test_requests_are_type_checked():
+    assert p.decode_request(b'{"cmd":"send","peer":"h","paths":["/x"]}') == p.Request("send", {
+        "peer": "h", "paths": ["/x"]})
+    for line, code in [
+        (b'{"cmd":"fly"}', "unknown-command"),
+        (b'{"cmd":"send","peer":"h"}', "bad-request"),
+        (b'{"cmd":"send","peer":1,"paths":["/x"]}', "bad-request"),
+        (b'{"cmd":"send","peer":"h","paths":[]}', "bad-request"),
+        (b'{"cmd":"status","extra":1}', "bad-request"),
+        (b'{"cmd":"discover","timeout":true}', "bad-request"),
+        (b'{"cmd":"discover","timeout":0}', "bad-request"),
+        (b'[1]', "bad-json"),
+        (b'{"cmd": ', "bad-json"),
+        (b'{"cmd":"message","peer":"h","text":"\\ud800"}', "bad-request"),
+    ]:
+        with pytest.raises(p.RemoteProtocolError) as info:
+            p.decode_request(line)
+        assert info.value.code == code, line
+
+
+# --- malformed input ---------------------------------------------------------------
+
+PRE = p.encode_preface()
+MALFORMED = [
+    ("bad-magic", b"HTTP/1.1 200\r\n"),
+    ("unsupported-version", b"TNET\x02"),
+    ("bad-json", PRE + struct.pack(">I", 3) + b"{x}"),
+    ("bad-json", PRE + struct.pack(">I", 4) + b"\xff\xfe{}"),
+    ("bad-json", PRE + frame([1, 2])),
+    ("bad-json", PRE + struct.pack(">I", 3000) + b"[" * 3000),
+    ("bad-frame", PRE + struct.pack(">I", 0)),
+    ("bad-frame", PRE + frame({"type": "nope"})),
+    ("bad-frame", PRE + frame({"type": "offer", "name": "h", "entries": 1})),
+    ("bad-frame", PRE + frame({"type": "offer", "name": "h", "entries": True, "size": 1})),
+    ("bad-frame", PRE + frame({"type": "offer", "name": "h", "entries": -1, "size": 1})),
+    ("bad-frame", PRE + frame({"type": "offer", "name": "h", "entries": 1, "size": p.MAX_FILE_BYTES + 1})),
+    ("bad-host-name", PRE + frame({"type": "offer", "name": "a\x1bb", "entries": 1, "size": 1})),
+    ("bad-host-name", PRE + frame({"type": "offer", "name": "", "entries": 1, "size": 1})),
+    ("unexpected-frame", PRE + frame({"type": "done", "index": 0})),
+    ("unexpected-frame", PRE + frame({"type": "offer", "name": "h", "entries": 0, "size": 0})
+     + frame({"type": "offer", "name": "h", "entries": 0, "size": 0})),
+    ("unexpected-frame", PRE + frame({"type": "message", "name": "h", "text": "x"})
+     + frame({"type": "message", "name": "h", "text": "x"})),
+    ("bad-nonce", PRE + frame({"type": "announce", "name": "h", "nonce": "xyz"})),
+    ("bad-frame", PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": ["f"],
+                                                                     "size": 1}) + b"x"
+     + frame({"type": "end", "sha256": "Z" * 64})),
+    ("frame-too-large", PRE + struct.pack(">I", p.MAX_FRAME_BYTES + 1)),
+]
+
+
+@pytest.mark.parametrize("code,stream", MALFORMED, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MALFORMED)])
+def test_malformed_streams_raise_the_modules_own_error(code, stream):
+    decoder = p.StreamDecoder("acceptor")
+    with pytest.raises(p.RemoteProtocolError) as info:
+        decoder.feed(stream)
+    assert info.value.code == code
+    with pytest.raises(p.RemoteProtocolError):  # sticky
+        decoder.feed(b"")
+
+
+HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "..", ".", "a\x00b", "a\nb", "a\x1b[31m", "a\\b", "x" * 256,
+                 "\u202eexe.txt", "", "a\u2028b"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_file_names_are_refused(name):
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": [name],
+                                                                "size": 1})
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(stream)
+    assert info.value.code == "bad-name"
+
+
+def test_invalid_utf8_in_a_name_is_refused():
+    payload = b'{"type":"file","index":0,"path":["a\xffb"],"size":1}'
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + struct.pack(">I", len(payload)) + payload
+    with pytest.raises(p.RemoteProtocolError):
+        p.StreamDecoder("acceptor").feed(stream)
+
+
+def test_lone_surrogate_escaped_in_json_is_refused():
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": ["a\ud800"],
+                                                                "size": 1})
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(stream)
+    assert info.value.code == "bad-name"
+
+
+def test_ordinary_names_pass():
+    for name in ["report.pdf", ".bashrc", "naïve café.txt", "日本語", "a b (1).tar.gz", "x" * 255]:
+        assert p.check_file_name(name) == name
+
+
+@pytest.mark.parametrize("cut", [3, 5, 9, 30, -40, -1])
+def test_truncated_streams_raise_at_eof(cut):
+    stream = batch_stream([("a.txt", b"hello")])
+    decoder = p.StreamDecoder("acceptor")
+    decoder.feed(stream[:cut])
+    with pytest.raises(p.RemoteProtocolError) as info:
+        decoder.feed_eof()
+    assert info.value.code == "truncated"
+
+
+def test_a_file_larger_than_the_offer_is_refused():
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 4)) + p.encode_frame(p.FileHeader(0, ("f",), 5))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(stream)
+    assert info.value.code == "size-mismatch"
+
+
+def test_more_entries_than_offered_are_refused():
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 0)) + p.encode_frame(p.Folder(0, ("d",))) \
+        + p.encode_frame(p.Folder(1, ("e",)))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(stream)
+    assert info.value.code == "unexpected-frame"
+
+
+def test_datagrams_malformed():
+    good = p.encode_discovery(p.DiscoveryRequest("a", NONCE, 1))
+    for data, code in [
+        (b"", "bad-magic"), (b"XNET\x01{}", "bad-magic"), (b"TNET\x09{}", "unsupported-version"),
+        (b"TNET\x01{", "bad-json"), (b"TNET\x01" + json.dumps({"type": "discover", "name": "a", "nonce": NONCE,
+                                                                "port": 0}).encode(), "bad-frame"),
+        (good + b" " * (p.MAX_DATAGRAM_BYTES + 1 - len(good)), "datagram-too-large"),
+    ]:
+        with pytest.raises(p.RemoteProtocolError) as info:
+            p.decode_datagram(data)
+        assert info.value.code == code
+
+
+def test_we_never_encode_what_we_would_refuse():
+    with pytest.raises(p.LocalProtocolError):
+        p.encode_frame(p.FileHeader(0, ("../x",), 1))
+    with pytest.raises(p.LocalProtocolError):
+        p.encode_frame(p.Message("h", "x" * (p.MAX_MESSAGE_BYTES + 1)))
+    with pytest.raises(p.LocalProtocolError):
+        p.encode_frame(p.FileData(b"x"))
+
+
+# --- limits at N and N+1 ----------------------------------------------------------------
+
+
+def test_name_limit():
+    assert p.check_file_name("é" * (p.MAX_NAME_BYTES // 2) + "x")  # 255 bytes
+    with pytest.raises(p.RemoteProtocolError):
+        p.check_file_name("é" * (p.MAX_NAME_BYTES // 2) + "xy")  # 256 bytes
+
+
+def test_path_depth_limit():
+    assert p.check_path(["d"] * p.MAX_PATH_PARTS)
+    with pytest.raises(p.RemoteProtocolError):
+        p.check_path(["d"] * (p.MAX_PATH_PARTS + 1))
+
+
+def test_host_name_limit():
+    assert p.check_host_name("h" * p.MAX_HOST_NAME_BYTES)
+    with pytest.raises(p.RemoteProtocolError):
+        p.check_host_name("h" * (p.MAX_HOST_NAME_BYTES + 1))
+
+
+def test_message_limit_including_worst_case_escaping():
+    worst = "\x01" * p.MAX_MESSAGE_BYTES  # six bytes each in JSON
+    assert decode_all(PRE + p.encode_frame(p.Message("h", worst))) == [p.Message("h", worst)]
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "message", "name": "h",
+                                                      "text": "x" * (p.MAX_MESSAGE_BYTES + 1)}))
+    assert info.value.code == "message-too-large"
+
+
+def test_header_limit_after_the_first_frame():
+    decoder = p.StreamDecoder("acceptor")
+    decoder.feed(PRE + p.encode_frame(p.Offer("h", 1, 1)))
+    decoder.feed(struct.pack(">I", p.MAX_HEADER_BYTES))  # N: still waiting for the payload
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(PRE + p.encode_frame(p.Offer("h", 1, 1))
+                                         + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
+    assert info.value.code == "frame-too-large"
+
+
+def test_first_frame_limit():
+    p.StreamDecoder("acceptor").feed(PRE + struct.pack(">I", p.MAX_FRAME_BYTES))
+    with pytest.raises(p.RemoteProtocolError):
+        p.StreamDecoder("acceptor").feed(PRE + struct.pack(">I", p.MAX_FRAME_BYTES + 1))
+
+
+def test_initiator_frames_are_headers_only():
+    p.StreamDecoder("initiator").feed(PRE + struct.pack(">I", p.MAX_HEADER_BYTES))
+    with pytest.raises(p.RemoteProtocolError):
+        p.StreamDecoder("initiator").feed(PRE + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
+
+
+def test_datagram_limit():
+    base = p.encode_discovery(p.DiscoveryRequest("a", NONCE, 1))
+    padded = base[:-1] + b" " * (p.MAX_DATAGRAM_BYTES - len(base)) + b"}"
+    assert len(padded) == p.MAX_DATAGRAM_BYTES and p.decode_datagram(padded)
+    with pytest.raises(p.RemoteProtocolError):
+        p.decode_datagram(padded[:-1] + b" }")
+
+
+def test_line_limit():
+    decoder = p.LineDecoder(max_line=10)
+    assert decoder.feed(b"0123456789") == []  # N bytes, no newline yet: kept
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.LineDecoder(max_line=10).feed(b"0123456789A")
+    assert info.value.code == "line-too-long"
+    assert p.LineDecoder(max_line=10).feed(b"0123456789\n") == [b"0123456789"]
+
+
+def test_entries_limit():
+    [offer] = p.StreamDecoder("acceptor").feed(PRE + p.encode_frame(p.Offer("h", p.MAX_ENTRIES, 0)))
+    assert offer.entries == p.MAX_ENTRIES
+    with pytest.raises(p.RemoteProtocolError):
+        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "offer", "name": "h", "entries": p.MAX_ENTRIES + 1,
+                                                      "size": 0}))
+
+
+# --- properties ------------------------------------------------------------------------
+
+ALL_EVENTS = (p.Announce, p.Message, p.Ack, p.Offer, p.Accept, p.FileHeader, p.FileData, p.FileEnd, p.Folder,
+              p.Done, p.Failed, p.Error)
+
+
+def feed_checked(decoder, pieces):
+    """Feed pieces; only events or RemoteProtocolError; the buffer stays bounded."""
+    try:
+        for piece in pieces:
+            for event in decoder.feed(piece):
+                assert isinstance(event, ALL_EVENTS)
+            assert len(decoder._buf) <= p.FRAME_LENGTH.size + p.MAX_FRAME_BYTES
+        decoder.feed_eof()
+    except p.RemoteProtocolError as exc:
+        assert exc.code and isinstance(exc.code, str)
+
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(st.binary(max_size=2000), st.sampled_from(["acceptor", "initiator"]))
+def test_any_bytes_give_events_or_the_modules_error(data, role):
+    feed_checked(p.StreamDecoder(role), [data])
+
+
+@SETTINGS
+@given(st.binary(max_size=2000))
+def test_any_bytes_after_a_valid_preface(data):
+    feed_checked(p.StreamDecoder("acceptor"), [PRE + data])
+
+
+@SETTINGS
+@given(st.lists(st.integers(min_value=0, max_value=3000), max_size=20))
+def test_any_split_of_a_valid_stream_decodes_the_same(points):
+    assert decode_all(batch_stream(FILES[:2]), splits=points) == EXPECTED_TWO
+
+
+@SETTINGS
+@given(st.data())
+def test_mutated_valid_streams_never_escape_the_error_type(data):
+    stream = bytearray(batch_stream(FILES[:2]))
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(stream) - 1))
+        stream[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(stream)))
+    feed_checked(p.StreamDecoder("acceptor"), [bytes(stream[:cut]), bytes(stream[cut:])])
+
+
+@SETTINGS
+@given(st.binary(max_size=600))
+def test_any_datagram_gives_a_request_or_the_modules_error(data):
+    try:
+        assert isinstance(p.decode_datagram(data), p.DiscoveryRequest)
+    except p.RemoteProtocolError:
+        pass
+
+
+@SETTINGS
+@given(st.binary(max_size=500))
+def test_any_request_line_gives_a_request_or_the_modules_error(data):
+    try:
+        assert isinstance(p.decode_request(data), p.Request)
+    except p.RemoteProtocolError:
+        pass
+
+
+@SETTINGS
+@given(st.text(max_size=300))
+def test_check_file_name_accepts_only_safe_names(name):
+    try:
+        assert p.check_file_name(name) == name
+    except p.RemoteProtocolError:
+        return
+    assert "/" not in name and "\\" not in name and name not in ("", ".", "..")
+    assert len(name.encode()) <= p.MAX_NAME_BYTES
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+
+
+# --- the sans-IO rule -------------------------------------------------------------------
+
+FORBIDDEN = {"socket", "selectors", "os", "time", "random", "select", "asyncio", "io", "pathlib", "shutil",
+             "subprocess", "threading", "secrets", "tempfile"}
+
+
+def test_protocol_imports_no_io():
+    tree = ast.parse((Path(p.__file__)).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "open":
+            pytest.fail("protocol.py calls open()")
+    assert not imported & FORBIDDEN, imported & FORBIDDEN
+    assert "tnet" not in imported

@@ -1,0 +1,96 @@
+"""util.py: configuration from plain dicts, parsers, formatting."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from tnet import util
+from tnet.util import ConfigError, load_config
+
+
+def test_defaults_are_the_seeds():
+    config = load_config({"HOST_NAME": "h", "TEMP_DIR": "/t"})
+    assert config.event_socket == "./run/tnet/events"
+    assert config.command_socket == "./run/tnet/commands"
+    assert config.broadcast_port == 0xC0DE == 49374
+    assert config.receive_port == 0xC00D == 49165
+    assert config.save_dir == "Downloads"
+    assert config.report_progress_in is False and config.report_progress_out is False
+    assert config.bind_address == "0.0.0.0"
+    assert config.broadcast_addresses == ()
+    assert config.accept == "auto" and config.allow_from == ()
+
+
+def test_every_variable_is_read():
+    config = load_config({
+        "EVENT_SOCKET": "/e", "COMMAND_SOCKET": "/c", "BROADCAST_PORT": "0x10", "RECEIVE_PORT": "1000",
+        "FILE_SAVE_DIR": "/d", "REPORT_PROGRESS_IN": "1", "REPORT_PROGRESS_OUT": "1",
+        "BIND_ADDRESS": "127.0.0.2", "BROADCAST_ADDRESS": "127.255.255.255, 10.0.0.255", "TEMP_DIR": "/t",
+        "HOST_NAME": "box", "IDLE_TIMEOUT": "5", "HANDSHAKE_TIMEOUT": "2.5", "MAX_CONNECTIONS": "10",
+        "ACCEPT": "ask", "ASK_TIMEOUT": "9", "ALLOW_FROM": "10.0.0.0/8,192.168.1.7", "LOG_LEVEL": "debug",
+    })
+    assert (config.event_socket, config.command_socket) == ("/e", "/c")
+    assert (config.broadcast_port, config.receive_port) == (16, 1000)
+    assert config.broadcast_addresses == ("127.255.255.255", "10.0.0.255")
+    assert config.report_progress_in and config.report_progress_out
+    assert (config.idle_timeout, config.handshake_timeout, config.ask_timeout) == (5.0, 2.5, 9.0)
+    assert config.max_connections == 10 and config.accept == "ask" and config.log_level == "debug"
+    assert config.allows("10.1.2.3") and config.allows("192.168.1.7") and not config.allows("192.168.1.8")
+
+
+def test_historical_command_socket_spelling():
+    assert load_config({"COMMAND_SOKET": "/old"}).command_socket == "/old"
+    assert load_config({"COMMAND_SOKET": "/old", "COMMAND_SOCKET": "/new"}).command_socket == "/new"
+
+
+@pytest.mark.parametrize("var,value", [
+    ("RECEIVE_PORT", "0"), ("RECEIVE_PORT", "65536"), ("RECEIVE_PORT", "http"), ("BROADCAST_PORT", "-1"),
+    ("BIND_ADDRESS", "300.1.1.1"), ("BIND_ADDRESS", "::1"), ("BROADCAST_ADDRESS", "a,b"),
+    ("BROADCAST_ADDRESS", ","), ("REPORT_PROGRESS_IN", "maybe"), ("IDLE_TIMEOUT", "0"),
+    ("IDLE_TIMEOUT", "soon"), ("ACCEPT", "always"), ("ALLOW_FROM", "10.0.0.0/33"), ("MAX_CONNECTIONS", "0"),
+    ("HOST_NAME", "a\x1bb"), ("HOST_NAME", "h" * 65), ("LOG_LEVEL", "loud"),
+])
+def test_bad_values_name_the_variable(var, value):
+    with pytest.raises(ConfigError) as info:
+        load_config({var: value})
+    assert var in str(info.value)
+
+
+def test_port_limits_at_n_and_n_plus_one():
+    assert util.parse_port("P", "65535") == 65535 and util.parse_port("P", "1") == 1
+    for bad in ("65536", "0"):
+        with pytest.raises(ConfigError):
+            util.parse_port("P", bad)
+
+
+def test_broadcast_targets_prefer_the_configured_list():
+    config = load_config({"BROADCAST_ADDRESS": "127.255.255.255"})
+    assert util.broadcast_targets(config) == ("127.255.255.255",)
+
+
+def test_interface_broadcasts_are_broadcast_addresses():
+    for address in util.interface_broadcasts():  # whatever this machine has; may be none
+        assert ipaddress.IPv4Address(address) != ipaddress.IPv4Address("0.0.0.0")
+        assert not ipaddress.IPv4Address(address).is_loopback
+
+
+def test_broadcast_falls_back_to_the_limited_broadcast(monkeypatch):
+    monkeypatch.setattr(util, "interface_broadcasts", lambda: [])
+    assert util.broadcast_targets(load_config({})) == ("255.255.255.255",)
+
+
+def test_human_formatting():
+    assert util.human_size(0) == "0 B"
+    assert util.human_size(1536) == "1.5 KiB"
+    assert util.human_size(5 * 1024**3) == "5.0 GiB"
+    assert util.human_rate(2 * 1024**2, 2) == "1.0 MiB/s"
+    assert util.human_duration(59) == "59s" and util.human_duration(61) == "1m01s"
+    assert util.human_duration(3 * 3600 + 120) == "3h02m"
+
+
+def test_printable_escapes_terminal_control():
+    assert util.printable("a\x1b[31mb\nc\x07") == "a\\x1b[31mb\\nc\\x07"
+    assert util.printable("naïve ✓") == "naïve ✓"
+    assert util.printable("\u202e") == "\\u202e"
