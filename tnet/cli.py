@@ -260,26 +260,36 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
         paths.append(full)
     progress = Progress(out, out.isatty() and not args.json)
     last: Dict[str, Any] = {}
-    for answer in request(env, "send", peer=args.peer, paths=paths):
-        last = answer
-        if args.json:
-            print_json(answer, out)
-            continue
-        kind = answer.get("event")
-        if kind == "progress":
-            progress.update(answer)
-        elif kind == "file-done":
-            progress.line(f"sent {printable(answer['file'])} ({human_size(answer['size'])})")
-        elif kind == "file-failed":
-            progress.line(f"FAILED {printable(answer['file'])}: {printable(answer['error'])}")
-        elif kind == "skipped":
-            progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+    try:
+        for answer in request(env, "send", peer=args.peer, paths=paths):
+            last = answer
+            show_send_line(answer, args.json, progress, out)
+    except KeyboardInterrupt:
+        if last.get("id"):  # the daemon goes on with a half-closed client; say stop
+            run_simple(env, "cancel", id=last["id"])
+        raise CliError("cancelled", EXIT_CANCELLED) from None
     if last.get("ok") and not args.json:
         seconds = last.get("seconds", 0)
         progress.line(f"{last['files']} file(s), {human_size(last['bytes'])} in {human_duration(seconds)} "
                       f"({human_rate(last['bytes'], seconds)}) to {printable(last.get('name') or last['peer'])}")
     final(last)
     return EXIT_OK
+
+
+def show_send_line(answer: Dict[str, Any], as_json: bool, progress: Progress, out: TextIO) -> None:
+    """One answer line of a `send`, as JSON or for people."""
+    if as_json:
+        print_json(answer, out)
+        return
+    kind = answer.get("event")
+    if kind == "progress":
+        progress.update(answer)
+    elif kind == "file-done":
+        progress.line(f"sent {printable(answer['file'])} ({human_size(answer['size'])})")
+    elif kind == "file-failed":
+        progress.line(f"FAILED {printable(answer['file'])}: {printable(answer['error'])}")
+    elif kind == "skipped":
+        progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
 
 
 def print_transfers(transfers: List[Dict[str, Any]], out: TextIO) -> None:

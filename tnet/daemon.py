@@ -92,7 +92,9 @@ class Conn:
         self.deadline = math.inf
         self.scheduled = math.inf  # when the timer heap will next look at us
         self.closed = False
-        self.events = selectors.EVENT_READ
+        self.events = selectors.EVENT_READ  # what the selector watches; 0: not registered
+        self.reading = True  # False once the peer half-closed and nothing more is read
+        self.close_when_flushed = False
         self.max_out = MAX_CLIENT_BUFFER_BYTES
 
     def label(self) -> str:
@@ -123,13 +125,22 @@ class Conn:
         except OSError as exc:
             self.fail_io(exc)
             return
+        if self.close_when_flushed and not self.out:
+            self.close()
+            return
         self.want_write(bool(self.out) or self.wants_more_output())
 
     def want_write(self, wanted: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
-        if events != self.events and not self.closed:
-            self.events = events
+        events = (selectors.EVENT_READ if self.reading else 0) | (selectors.EVENT_WRITE if wanted else 0)
+        if events == self.events or self.closed:
+            return
+        if not events:
+            self.daemon.sel.unregister(self.sock)
+        elif not self.events:
+            self.daemon.sel.register(self.sock, events, self)
+        else:
             self.daemon.sel.modify(self.sock, events, self)
+        self.events = events
 
     def wants_more_output(self) -> bool:
         return False
@@ -153,10 +164,8 @@ class Conn:
         if self.closed:
             return
         self.closed = True
-        try:
+        if self.events:
             self.daemon.sel.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
         self.sock.close()
         self.on_closed()
 
@@ -235,7 +244,7 @@ class ClientConn(Conn):
         super().__init__(daemon, sock)
         self.decoder = proto.LineDecoder()
         self.busy = False  # a request is being answered
-        self.job: Optional["Conn"] = None  # the transfer or discovery it waits on
+        self.job: Optional["OutboundPeer"] = None  # the exchange it waits on
 
     def on_readable(self) -> None:
         try:
@@ -245,7 +254,11 @@ class ClientConn(Conn):
         except OSError:
             data = b""
         if not data:
-            self.close()
+            # A half-close (socat and nc do it at the end of their input) still
+            # wants its answer; a client that is really gone shows when a write
+            # to it fails, and that cancels its job.
+            self.reading = False
+            self.close_after_flush() if not self.busy else self.want_write(bool(self.out))
             return
         try:
             lines = self.decoder.feed(data)
@@ -274,18 +287,21 @@ class ClientConn(Conn):
 
     def finish(self, obj: Dict[str, Any]) -> None:
         """The final line of the request."""
-        self.busy = False
-        self.job = None
-        self.send(proto.encode_line(dict(obj, ok=True)))
+        self.end_request(dict(obj, ok=True))
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
+        self.end_request(dict(extra, ok=False, code=code, error=message))
+
+    def end_request(self, answer: Dict[str, Any]) -> None:
         self.busy = False
         self.job = None
-        self.send(proto.encode_line(dict(extra, ok=False, code=code, error=message)))
+        self.send(proto.encode_line(answer))
+        if not self.reading:
+            self.close_after_flush()
 
     def close_after_flush(self) -> None:
+        self.close_when_flushed = True
         self.flush()
-        self.close()
 
     def on_overflow(self) -> None:
         log.warning("command client dropped: more than %d bytes behind", self.max_out)
@@ -318,7 +334,7 @@ class PeerConn(Conn):
 
     def __init__(self, daemon: "Daemon", sock: socket.socket, address: str) -> None:
         super().__init__(daemon, sock)
-        self.max_out = math.inf  # we never queue more than MAX_OUT_BUFFER_BYTES anyway
+        self.max_out = 1 << 62  # unbounded: we never queue more than MAX_OUT_BUFFER_BYTES anyway
         self.address = address
         self.decoder = proto.StreamDecoder(self.role)
         self.peer_name = ""
@@ -399,11 +415,14 @@ class PeerConn(Conn):
             return
         self.end_failed(code, message)
         self.out += proto.encode_frame(proto.Error(code, message[: proto.MAX_ERROR_TEXT_BYTES // 4]))
+        self.linger()
+
+    def linger(self) -> None:
+        """Our last words are queued: send them, half-close, and wait for the
+        peer's EOF before closing, so that a reset cannot destroy them (§4.3)."""
         self.lingering = True
         self.set_deadline(self.daemon.clock() + LINGER_S)
         self.flush()
-        if not self.closed and not self.out:
-            self.shutdown_write()
 
     def flush(self) -> None:
         super().flush()
@@ -526,7 +545,8 @@ class InboundPeer(PeerConn):
             return
         self.started = self.daemon.clock()
         self.touch()
-        self.daemon.publish(dict(self.describe(), event="transfer-started", entries=self.offer.entries))
+        entries = self.offer.entries if self.offer else 0
+        self.daemon.publish(dict(self.describe(), event="transfer-started", entries=entries))
         self.send(proto.encode_frame(proto.Accept(self.daemon.config.host_name)))
         self.maybe_complete()
 
@@ -682,6 +702,7 @@ class OutboundPeer(PeerConn):
         self.sent = 0  # bytes of the current file on the wire
         self.stat: Optional[os.stat_result] = None
         self.use_sendfile = hasattr(os, "sendfile")
+        self.events = 0  # registered by connect()
         self.total = sum(entry.size for entry in self.entries)
         if client is not None:
             client.job = self
@@ -699,8 +720,8 @@ class OutboundPeer(PeerConn):
             sock.setblocking(False)
             if daemon.config.bind_address != "0.0.0.0":
                 sock.bind((daemon.config.bind_address, 0))  # peers see our address
+            daemon.sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
             self.events = selectors.EVENT_READ | selectors.EVENT_WRITE
-            daemon.sel.register(sock, self.events, self)
             err = sock.connect_ex((self.address, port))
         except OSError as exc:
             err = exc.errno or errno.EIO
@@ -729,14 +750,13 @@ class OutboundPeer(PeerConn):
             self.out += proto.encode_preface() + proto.encode_frame(self.first)
             if isinstance(self.first, proto.Offer):
                 self.set_deadline(self.daemon.clock() + OFFER_TIMEOUT_S)
-            self.flush()
-            if isinstance(self.first, proto.Announce) and not self.out and not self.closed:
-                self.close()
+            if isinstance(self.first, proto.Announce):
+                self.linger()  # nothing to wait for but the requester's close
+            else:
+                self.flush()
             return
         self.flush()
         self.pump()
-        if isinstance(self.first, proto.Announce) and not self.out and not self.closed:
-            self.close()
 
     def pump(self) -> None:
         """Queue frames and small files up to a buffer's worth, then let the
@@ -941,6 +961,7 @@ class OutboundPeer(PeerConn):
             self.hash_file = None
 
     def on_failed(self, code: str, message: str) -> None:
+        self.streaming = False
         self.close_file()
         if self.id:
             self.daemon.publish(dict(self.describe(), event="transfer-failed", code=code, message=message))
@@ -1091,15 +1112,18 @@ class PeerRecord:
     last_seen: float
 
 
+Found = Dict[Tuple[str, str], PeerRecord]  # peers by (name, address): duplicates merge
+
+
 class Discovery:
     """One discovery window: collects announces until its deadline."""
 
-    def __init__(self, nonce: str, deadline: float, on_done: Callable[[Dict[str, PeerRecord]], None]) -> None:
+    def __init__(self, nonce: str, deadline: float, on_done: Callable[[Found], Any]) -> None:
         self.nonce = nonce
         self.deadline = deadline
         self.scheduled = math.inf
         self.closed = False
-        self.found: Dict[Tuple[str, str], PeerRecord] = {}  # duplicates merge on (name, address)
+        self.found: Found = {}
         self.on_done = on_done
         self.daemon: Optional[Daemon] = None
 
@@ -1421,7 +1445,7 @@ class Daemon:
                 return f"need {size} bytes, {free} free in {folder}"
         return ""
 
-    def discover(self, timeout: float, on_done: Callable[[Dict[Tuple[str, str], PeerRecord]], None]) -> None:
+    def discover(self, timeout: float, on_done: Callable[[Found], Any]) -> None:
         """Broadcast a request; call ``on_done(found)`` when the window closes."""
         nonce = self.nonce()
         discovery = Discovery(nonce, self.clock() + timeout, on_done)
@@ -1567,7 +1591,7 @@ def peer_list(records: Any) -> List[Dict[str, Any]]:
 
 
 def cmd_discover(daemon: Daemon, client: ClientConn, args: Dict[str, Any]) -> None:
-    def done(found: Dict[Tuple[str, str], PeerRecord]) -> None:
+    def done(found: Found) -> None:
         if not client.closed:
             client.finish({"peers": peer_list(found.values())})
 

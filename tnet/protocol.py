@@ -271,7 +271,7 @@ def _check_count(value: int, limit: int, what: str) -> int:
 def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
     """Check a frame's fields by type and range and turn it into its event."""
     cls, schema = _FRAMES[kind]
-    values = {}
+    values: Dict[str, Any] = {}
     for field, ftype in schema.items():
         value = fields.get(field)
         # bool is an int subclass; a size of `true` is a lie, not a number.
@@ -333,7 +333,7 @@ def encode_frame(event: Any) -> bytes:
     if kind is None:
         raise LocalProtocolError("bad-event", f"cannot encode {type(event).__name__}")
     _, schema = _FRAMES[kind]
-    fields = {"type": kind}
+    fields: Dict[str, Any] = {"type": kind}
     for field in schema:
         value = getattr(event, field)
         fields[field] = list(value) if isinstance(value, tuple) else value
@@ -443,7 +443,8 @@ class StreamDecoder:
 
     def _parse_buffered(self) -> Optional[Any]:
         if self._state == _PREFACE:
-            return self._parse_preface()
+            self._parse_preface()
+            return None
         (length,) = FRAME_LENGTH.unpack_from(self._buf)
         if len(self._buf) == FRAME_LENGTH.size:  # only the length so far
             limit = MAX_FRAME_BYTES if self._message_allowed() else MAX_HEADER_BYTES

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Tuple
+from typing import List, Mapping, Tuple
 
 DEFAULT_EVENT_SOCKET = "./run/tnet/events"
 DEFAULT_COMMAND_SOCKET = "./run/tnet/commands"
