@@ -214,8 +214,8 @@ def broadcast_targets(config: Config) -> Tuple[str, ...]:
 
 # ioctl request numbers: the same idea on each system, different values.
 _IOCTLS = {
-    "linux": (0x8913, 0x8919),  # SIOCGIFFLAGS, SIOCGIFBRDADDR
-    "darwin": (0xC0206911, 0xC0206923),
+    "linux": (0x8913, 0x8919, 0x8915, 0x891B),  # SIOCGIFFLAGS, SIOCGIFBRDADDR, SIOCGIFADDR, SIOCGIFNETMASK
+    "darwin": (0xC0206911, 0xC0206923, 0xC0206921, 0xC0206925),
 }
 _IFF_UP, _IFF_BROADCAST, _IFF_LOOPBACK = 0x1, 0x2, 0x8
 _IFREQ = struct.Struct("16s16s")  # ifr_name, then the union holding flags or an address
@@ -233,7 +233,7 @@ def interface_broadcasts() -> List[str]:
         return []
     import fcntl  # Unix only: imported here so that util stays importable elsewhere
 
-    get_flags, get_broadcast = requests
+    get_flags, get_broadcast, get_address, get_netmask = requests
     found: List[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for _, name in socket.if_nameindex():
@@ -244,6 +244,12 @@ def interface_broadcasts() -> List[str]:
                 if not flags & _IFF_UP or not flags & _IFF_BROADCAST or flags & _IFF_LOOPBACK:
                     continue
                 raw = fcntl.ioctl(sock.fileno(), get_broadcast, _IFREQ.pack(ifname, b""))
+                if raw[20:24] == bytes(4):
+                    # `ip addr add 10.0.0.2/24 dev eth0` sets no broadcast address, yet the
+                    # kernel routes the subnet's: derive it from the address and netmask.
+                    own = fcntl.ioctl(sock.fileno(), get_address, _IFREQ.pack(ifname, b""))
+                    mask = fcntl.ioctl(sock.fileno(), get_netmask, _IFREQ.pack(ifname, b""))
+                    raw = raw[:20] + bytes(a | (~m & 0xFF) for a, m in zip(own[20:24], mask[20:24])) + raw[24:]
             except OSError:  # no IPv4 address on it, or it went away meanwhile
                 continue
             address = socket.inet_ntoa(raw[20:24])  # sockaddr_in: family, port, address
