@@ -67,7 +67,7 @@ def run(*cmd: str, check: bool = True, timeout: float = 30.0) -> subprocess.Comp
 class Host:
     """One namespace on the bridge: its address, its veth, its daemon."""
 
-    def __init__(self, lab: "Lab", name: str, ns: str, address: str, port: str) -> None:
+    def __init__(self, lab: Lab, name: str, ns: str, address: str, port: str) -> None:
         self.lab = lab
         self.name = name  # its host name, set with `hostname` inside unshare --uts
         self.ns = ns
@@ -101,7 +101,7 @@ class NsDaemon(Daemon):
             if var not in env:
                 del self.env[var]  # the defaults: what a real host runs with
 
-    def start(self) -> "NsDaemon":
+    def start(self) -> NsDaemon:
         cmd = self.host.exec_args("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.name,
                                   sys.executable, "-m", "tnet", "daemon")
         with open(self.log_path, "ab") as log:
