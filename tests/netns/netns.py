@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,7 @@ import pytest
 from conftest import ROOT, Daemon, base_env, wait_until
 
 _labs = itertools.count(1)
+_labs_made = itertools.count()
 _PID = os.getpid()
 
 
@@ -196,10 +198,24 @@ class Lab:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
+_STALE = re.compile(r"(tn(\d+)n\d+(?:h|x\d+))(?:\s|$)")  # the names Lab gives
+
+
+def remove_stale_namespaces() -> None:
+    """Delete the namespaces of an earlier run that was killed before its
+    finalizer could (its process id is gone)."""
+    for line in run("ip", "netns", "list", check=False).stdout.splitlines():
+        match = _STALE.match(line)
+        if match and int(match.group(2)) != _PID and not os.path.exists(f"/proc/{match.group(2)}"):
+            run("ip", "netns", "del", match.group(1), check=False)
+
+
 def make_lab(tmp_path: Path):
     """Generator for the ``lab`` fixture: skips (or fails in CI) where
     namespaces cannot be made, and tears everything down afterwards."""
     require_netns()
+    if next(_labs_made) == 0:
+        remove_stale_namespaces()
     lab = Lab(tmp_path)
     try:
         try:
