@@ -69,5 +69,7 @@ def test_sending_where_no_daemon_listens_fails_fast(lab, tmp_path):
     assert "unreachable" in out.stderr and "Connection refused" in out.stderr
     out = a.cli("message", quiet.address, "anyone?", timeout=30)
     assert out.returncode == 4 and "Connection refused" in out.stderr
+    out = a.cli("send", f"{lab.subnet}.200", str(f), timeout=30)  # no host at all: ARP goes unanswered
+    assert out.returncode == 4 and "unreachable" in out.stderr
     out = a.cli("message", "nobody-here", "x", timeout=30)
     assert out.returncode == 4 and "unknown-peer" in out.stderr
