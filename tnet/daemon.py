@@ -1453,6 +1453,8 @@ class Daemon:
         request = proto.encode_discovery(proto.DiscoveryRequest(self.config.host_name, nonce,
                                                                 self.tcp_address[1]))
         errors = []
+        # Asked again each time: interfaces come up and get addresses after we start.
+        self.broadcasts = broadcast_targets(self.config)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if self.config.bind_address != "0.0.0.0":
