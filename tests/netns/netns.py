@@ -88,6 +88,11 @@ class Host:
         self.lab.procs.append(proc)
         return proc
 
+    def configure(self) -> None:
+        """Give eth0 its address, as ``ip addr add`` does by hand: no broadcast
+        address is set (the kernel still routes the subnet's)."""
+        self.run("ip", "addr", "add", f"{self.address}/24", "dev", "eth0")
+
     def link(self, state: str) -> None:
         """``ip link set eth0 up|down`` inside this host."""
         self.run("ip", "link", "set", "eth0", state)
@@ -150,7 +155,7 @@ class Lab:
         run("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
-    def host(self, name: str) -> Host:
+    def host(self, name: str, configure: bool = True) -> Host:
         """A new namespace on the bridge, called ``name``; no daemon yet."""
         index = len(self.hosts) + 1
         ns = self.add_namespace(f"x{index}")
@@ -159,16 +164,17 @@ class Lab:
         run("ip", "-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
         run("ip", "-n", self.hub, "link", "set", port, "master", "br0")
         run("ip", "-n", self.hub, "link", "set", port, "up")
-        address = f"{self.subnet}.{index}"
-        run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
-        host = Host(self, name, ns, address, port)
+        host = Host(self, name, ns, f"{self.subnet}.{index}", port)
         self.hosts.append(host)
+        if configure:
+            host.configure()
         return host
 
-    def daemon(self, name: str, start: bool = True, **env: str) -> NsDaemon:
-        """A host called ``name`` running a daemon; ``env`` adds variables."""
-        host = self.host(name)
+    def daemon(self, name: str, start: bool = True, configure: bool = True, **env: str) -> NsDaemon:
+        """A host called ``name`` running a daemon; ``env`` adds variables.
+        ``configure=False``: its eth0 gets no address yet (see Host.configure)."""
+        host = self.host(name, configure)
         host.daemon = NsDaemon(host, self.root, self.sockdir, env)
         return host.daemon.start() if start else host.daemon
 

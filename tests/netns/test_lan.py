@@ -73,3 +73,14 @@ def test_sending_where_no_daemon_listens_fails_fast(lab, tmp_path):
     assert out.returncode == 4 and "unreachable" in out.stderr
     out = a.cli("message", "nobody-here", "x", timeout=30)
     assert out.returncode == 4 and "unknown-peer" in out.stderr
+
+
+def test_a_daemon_started_before_its_address_discovers_once_it_has_one(lab):
+    """A laptop's daemon starts at boot, before the network is configured."""
+    a = lab.daemon("alpha")
+    b = lab.daemon("bravo", configure=False)
+    b.host.configure()
+    out = b.cli("discover", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [(p["name"], p["address"]) for p in json.loads(out.stdout)] == [("alpha", a.address)]
+    assert b.request("status")[-1]["broadcast_addresses"] == [f"{lab.subnet}.255"]
