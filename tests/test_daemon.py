@@ -145,3 +145,39 @@ def test_one_request_per_line_and_errors_are_json(net):
         assert read_answers(sock)[-1]["code"] == "bad-json"
         sock.sendall(b'{"cmd": "status"}\n')
         assert read_answers(sock)[-1]["ok"] is True
+
+
+def test_a_receiver_asking_its_user_keeps_the_sender_waiting(net, tmp_path):
+    a = net.daemon("alpha", IDLE_TIMEOUT="1")
+    b = net.daemon("bravo", ACCEPT="ask")
+    events = b.events()
+    f = random_file(tmp_path / "asked.bin", 1000)
+    sender = subprocess.Popen(a.cli_args("send", b.address, str(f)), env=a.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        offer = events.wait_for(lambda e: e["event"] == "offer")
+        # Past the sender's idle timeout, it is still waiting: `wait` told it to.
+        wait_until(lambda: [t for t in a.request("transfers")[-1]["transfers"] if t["seconds"] > 1.5],
+                   what="the sender to wait past its idle timeout")
+        assert b.cli("accept", offer["id"]).returncode == 0
+        assert sender.wait(60) == 0, sender.stderr.read()
+    finally:
+        sender.kill()
+        sender.wait()
+    assert (b.downloads / "asked.bin").read_bytes() == f.read_bytes()
+
+
+def test_a_receiver_that_never_answers_the_offer_times_out(net, tmp_path):
+    a = net.daemon("alpha", IDLE_TIMEOUT="1")
+    mute = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    mute.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    mute_address = a.address.rsplit(".", 1)[0] + ".250"
+    mute.bind((mute_address, 49165))
+    mute.listen(1)
+    try:
+        f = tmp_path / "f.txt"
+        f.write_text("x")
+        out = a.cli("send", mute_address, str(f))  # accepted by the kernel, never answered
+        assert out.returncode == 4 and "timeout" in out.stderr
+    finally:
+        mute.close()

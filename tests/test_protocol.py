@@ -101,7 +101,8 @@ def test_first_frames_round_trip(event):
 
 
 @pytest.mark.parametrize("event", [
-    p.Ack("bravo"), p.Accept("bravo"), p.Done(0), p.Failed(3, "verify-failed", "x"), p.Error("no-space", "full"),
+    p.Ack("bravo"), p.Accept("bravo"), p.Wait(120), p.Done(0), p.Failed(3, "verify-failed", "x"),
+    p.Error("no-space", "full"),
 ])
 def test_answers_round_trip(event):
     assert decode_all(p.encode_preface() + p.encode_frame(event), role="initiator") == [event]
@@ -335,6 +336,12 @@ def test_initiator_frames_are_headers_only():
         p.StreamDecoder("initiator").feed(PRE + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
 
 
+def test_wait_limit():
+    assert decode_all(PRE + p.encode_frame(p.Wait(p.MAX_WAIT_S)), role="initiator") == [p.Wait(p.MAX_WAIT_S)]
+    with pytest.raises(p.RemoteProtocolError):
+        p.StreamDecoder("initiator").feed(PRE + frame({"type": "wait", "seconds": p.MAX_WAIT_S + 1}))
+
+
 def test_datagram_limit():
     base = p.encode_discovery(p.DiscoveryRequest("a", NONCE, 1))
     padded = base[:-1] + b" " * (p.MAX_DATAGRAM_BYTES - len(base)) + b"}"
@@ -362,7 +369,7 @@ def test_entries_limit():
 
 # --- properties ------------------------------------------------------------------------
 
-ALL_EVENTS = (p.Announce, p.Message, p.Ack, p.Offer, p.Accept, p.FileHeader, p.FileData, p.FileEnd, p.Folder,
+ALL_EVENTS = (p.Announce, p.Message, p.Ack, p.Offer, p.Accept, p.Wait, p.FileHeader, p.FileData, p.FileEnd, p.Folder,
               p.Done, p.Failed, p.Error)
 
 

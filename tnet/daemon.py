@@ -56,7 +56,6 @@ MAX_ANSWERS_PER_WINDOW = 2  # discovery answers per requester address per window
 ANSWER_WINDOW_S = 1.0
 MAX_PENDING_ANSWERS = 64  # announce connections in flight, all requesters together
 LINGER_S = 2.0  # after an error frame, how long we wait for the peer to read it
-OFFER_TIMEOUT_S = 600.0  # a sender waits this long for a receiver that asks its user
 PROGRESS_INTERVAL_S = 0.25  # progress events per transfer, at most four a second
 DEFAULT_DISCOVER_S = 1.0
 LISTEN_BACKLOG = 128
@@ -533,6 +532,7 @@ class InboundPeer(PeerConn):
         if daemon.config.accept == "ask":
             self.awaiting_decision = True
             self.set_deadline(daemon.clock() + daemon.config.ask_timeout)
+            self.send(proto.encode_frame(proto.Wait(math.ceil(daemon.config.ask_timeout))))
             daemon.publish(dict(self.describe(), event="offer", entries=event.entries))
             return
         self.decide(True)
@@ -748,8 +748,6 @@ class OutboundPeer(PeerConn):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.touch()
             self.out += proto.encode_preface() + proto.encode_frame(self.first)
-            if isinstance(self.first, proto.Offer):
-                self.set_deadline(self.daemon.clock() + OFFER_TIMEOUT_S)
             if isinstance(self.first, proto.Announce):
                 self.linger()  # nothing to wait for but the requester's close
             else:
@@ -770,10 +768,6 @@ class OutboundPeer(PeerConn):
                     return
             budget -= self.stream_step()
         self.flush()
-
-    def on_progress_out(self) -> None:
-        if self.connected and not isinstance(self.first, proto.Offer) or self.streaming:
-            self.touch()
 
     def wants_more_output(self) -> bool:
         return self.streaming or not self.connected
@@ -796,6 +790,9 @@ class OutboundPeer(PeerConn):
             self.touch()
             self.daemon.publish(dict(self.describe(), event="transfer-started", entries=len(self.entries)))
             self.want_write(True)
+        elif isinstance(event, proto.Wait) and isinstance(self.first, proto.Offer) and not self.streaming_started():
+            # The receiver asks its user: allow that, and the usual silence on top.
+            self.set_deadline(self.daemon.clock() + event.seconds + self.daemon.config.idle_timeout)
         elif isinstance(event, (proto.Done, proto.Failed)) and self.streaming_started():
             self.on_result(event)
         elif isinstance(event, proto.Error):

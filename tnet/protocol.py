@@ -48,6 +48,7 @@ MAX_HEADER_BYTES = 4096  # every frame but a message: names and sizes only
 MAX_FRAME_BYTES = 6 * MAX_MESSAGE_BYTES + MAX_HEADER_BYTES
 MAX_FILE_BYTES = 2**50  # 1 PiB: larger sizes are lies, not files
 MAX_ENTRIES = 1_000_000  # files and folders in one offer
+MAX_WAIT_S = 24 * 3600  # the longest a receiver may ask a sender to wait for a decision
 MAX_DATAGRAM_BYTES = 512  # a discovery request is ~100 bytes
 MAX_LINE_BYTES = 1024 * 1024  # one local API request (a long list of paths)
 MAX_CODE_BYTES = 64  # error slugs
@@ -119,6 +120,13 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Wait:
+    """The receiver asks its user about the offer: allow it ``seconds``."""
+
+    seconds: int
+
+
+@dataclass(frozen=True)
 class FileHeader:
     """Entry ``index`` is a file of ``size`` raw bytes, which follow at once."""
 
@@ -175,7 +183,7 @@ class Error:
 
 
 Event = Union[
-    Announce, Message, Ack, Offer, Accept, FileHeader, FileData, FileEnd,
+    Announce, Message, Ack, Offer, Accept, Wait, FileHeader, FileData, FileEnd,
     Folder, Done, Failed, Error,
 ]
 
@@ -186,6 +194,7 @@ _FRAMES: Dict[str, Tuple[type, Dict[str, type]]] = {
     "ack": (Ack, {"name": str}),
     "offer": (Offer, {"name": str, "entries": int, "size": int}),
     "accept": (Accept, {"name": str}),
+    "wait": (Wait, {"seconds": int}),
     "file": (FileHeader, {"index": int, "path": list, "size": int}),
     "end": (FileEnd, {"sha256": str}),
     "folder": (Folder, {"index": int, "path": list}),
@@ -199,7 +208,7 @@ _FRAME_TYPE = {cls: name for name, (cls, _) in _FRAMES.items()}
 # the connection; the acceptor took it on its listener.
 _ACCEPTOR_FIRST = {"announce", "message", "offer", "error"}
 _ACCEPTOR_IN_BATCH = {"file", "folder", "error"}
-_INITIATOR_ANY = {"ack", "accept", "done", "failed", "error"}
+_INITIATOR_ANY = {"ack", "accept", "wait", "done", "failed", "error"}
 
 
 # --- Validation of names ------------------------------------------------------
@@ -284,6 +293,8 @@ def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
         _check_count(values["size"], MAX_FILE_BYTES, "size")
     if "entries" in values:
         _check_count(values["entries"], MAX_ENTRIES, "entries")
+    if "seconds" in values:
+        _check_count(values["seconds"], MAX_WAIT_S, "seconds")
     if "path" in values:
         values["path"] = check_path(values["path"])
     if "name" in values:
