@@ -441,6 +441,7 @@ class PeerConn(Conn):
         """Record the failure once and let the subclass report and clean up."""
         if self.result is None:
             self.result = (code, message)
+            self.daemon.transfers.pop(self.id, None)  # over, though an error frame may still be going out
             self.on_failed(code, message)
 
     def on_failed(self, code: str, message: str) -> None:
@@ -823,7 +824,7 @@ class OutboundPeer(PeerConn):
         entry = self.entries[event.index]
         name = "/".join(entry.parts)
         if isinstance(event, proto.Done):
-            result = {"event": "file-done", "file": name, "size": entry.size}
+            result = {"event": "file-done", "file": name, "size": entry.size, "folder": not entry.path}
         else:
             result = {"event": "file-failed", "file": name, "size": entry.size, "code": event.code,
                       "error": event.message}
