@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import ROOT, random_file, wait_until
+from conftest import ROOT, random_file, tnet_on_path, wait_until
 
 from tnet import cli
 
@@ -462,3 +462,82 @@ def test_peers_by_name_unknown_and_ambiguous(net, tmp_path):
     unknown = a.cli("send", "zulu", str(f))
     assert unknown.returncode == 4
     assert "unknown-peer" in unknown.stderr and "bravo" in unknown.stderr and "twin" in unknown.stderr
+
+
+# --- 7. Scripts and desktop: watch --exec, the service unit, completion ------------------------
+
+
+def test_watch_exec_runs_once_per_event_with_the_event_on_stdin_and_in_the_environment(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo")
+    log = tmp_path / "hook.log"
+    hook = f'{{ cat; printf "%s|%s|%s\\n" "$TNET_EVENT" "$TNET_NAME" "$TNET_TEXT"; }} >> "{log}"'
+    watch = subprocess.Popen(b.cli_args("watch", "--json", "--exec", hook), env=b.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: subscribers(b) == 1, what="watch to subscribe")
+        for n in range(3):
+            assert a.cli("message", "bravo", f"note {n}").returncode == 0
+        wait_until(lambda: log.exists() and log.read_text().count("\n") >= 6, what="three hook runs")
+        assert a.cli("message", "bravo", "last").returncode == 0
+        wait_until(lambda: "last" in log.read_text(), what="the fourth hook run")
+    finally:
+        watch.terminate()
+        watch.wait()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 8  # once per event: a JSON line from stdin, then the environment
+    for n, (stdin_line, env_line) in enumerate(zip(lines[::2], lines[1::2])):
+        text = f"note {n}" if n < 3 else "last"
+        assert json.loads(stdin_line) == {"event": "message", "peer": a.address, "name": "alpha", "text": text}
+        assert env_line == f"message|alpha|{text}"
+
+
+def test_systemd_user_unit():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # keys are case-sensitive
+    path = ROOT / "contrib" / "tnet.service"
+    unit.read_string("\n".join(line for line in path.read_text().splitlines() if not line.startswith("Environment=")))
+    assert unit["Service"]["ExecStart"].split()[-2:] == ["tnet", "daemon"]
+    assert unit["Install"]["WantedBy"] == "default.target"  # user units: started at login
+    env = dict(line.split("=", 2)[1:] for line in path.read_text().splitlines() if line.startswith("Environment="))
+    assert env["COMMAND_SOCKET"] == "%t/tnet/commands" and env["EVENT_SOCKET"] == "%t/tnet/events"
+    if shutil.which("systemd-analyze"):
+        out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+
+def complete(words: List[str], env: Dict[str, str]) -> List[str]:
+    script = ROOT / "contrib" / "tnet.bash-completion"
+    words_text = " ".join(f"'{w}'" for w in words)
+    out = subprocess.run(["bash", "-c", f'source "{script}"; COMP_WORDS=({words_text}); '
+                          f'COMP_CWORD={len(words) - 1}; _tnet; printf "%s\\n" "${{COMPREPLY[@]}}"'],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_bash_completion(net, tmp_path):
+    script = ROOT / "contrib" / "tnet.bash-completion"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    a, b = net.daemon("alpha"), net.daemon("bravo")
+    env = dict(a.env, PATH=tnet_on_path(tmp_path / "bin"))
+    commands = re.findall(r"^    (\w+)", a.cli("--help").stdout, re.M)
+    assert sorted(complete(["tnet", ""], env)) == sorted(commands + ["--help", "--version"])
+    assert complete(["tnet", "tr"], env) == ["transfers"]
+    assert complete(["tnet", "disc", ""], env) == []
+    assert complete(["tnet", "discover", "--t"], env) == ["--timeout"]
+    assert sorted(complete(["tnet", "watch", "--"], env)) == ["--exec", "--help", "--json"]
+    a.cli("discover")
+    assert complete(["tnet", "send", "b"], env) == ["bravo"]
+    assert complete(["tnet", "send", "--json", "bravo", str(script)[:-3]], env) == [str(script)]
+
+
+# --- 8. Help that teaches ---------------------------------------------------------------------
+
+
+def test_every_help_has_examples(net):
+    a = net.daemon("alpha", start=False)
+    top = a.cli("--help").stdout
+    assert "examples:" in top and "exit codes" in top
+    for name in re.findall(r"^    (\w+)", top, re.M):
+        text = a.cli(name, "--help").stdout
+        assert re.search(r"examples:\n  tnet ", text) or re.search(r"examples:\n  \S+=\S+ tnet", text), name
