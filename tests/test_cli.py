@@ -227,8 +227,7 @@ def test_exit_codes(net, tmp_path):
     assert missing.returncode == cli.EXIT_LOCAL_FILE == 6
     assert json.loads(missing.stdout)["code"] == "file-error" and "missing.txt" in missing.stderr
     assert a.cli("frobnicate").returncode == 2
-    assert (cli.EXIT_VERIFY, cli.EXIT_CANCELLED) == (7, 8)  # provoked in the cancel tests below
-    assert cli.EXIT_BY_CODE["verify-failed"] == cli.EXIT_BY_CODE["file-changed"] == 7
+    assert cli.EXIT_BY_CODE["verify-failed"] == 7  # 7 and 8 are provoked in the tests of cancel below
     help_text = a.cli("--help").stdout
     for code, words in ((3, "daemon not running"), (4, "peer unreachable"), (5, "refused by the peer"),
                         (6, "local file error"), (7, "verification failed"), (8, "cancelled")):
@@ -297,56 +296,99 @@ def transfers_of(daemon) -> List[dict]:
     return json.loads(daemon.cli("transfers", "--json").stdout)
 
 
+class MidFile:
+    """A transfer held in the middle of a big file, whatever the machine's speed:
+    the receiver (ACCEPT=ask) accepts while the sender is stopped (SIGSTOP);
+    the sender then streams into a stopped receiver until the socket buffers
+    are full, and is stopped again; the receiver, let go, reads what is queued
+    and waits for more. ``release()`` lets the sender go on."""
+
+    def __init__(self, a, b, events, big: Path, *send_args: str) -> None:
+        self.a, self.b, self.stopped = a, b, []
+        self.send = subprocess.Popen(a.cli_args("send", *send_args, b.address, str(big)), env=a.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            self.offer = events.wait_for(lambda e: e["event"] == "offer")
+            self.hold(a)
+            assert b.cli("accept", self.offer["id"]).returncode == 0
+            self.hold(b)
+            self.release(a)
+            wait_until(lambda: any(t["bytes"] > 0 for t in a.request("transfers")[-1]["transfers"]),
+                       what="the sender to start streaming")
+            self.hold(a)
+            self.release(b)
+            self.listed = wait_until(lambda: [t for t in transfers_of(b) if t["bytes"] > 0], what="bytes received")
+        except BaseException:
+            self.release_all()
+            raise
+
+    def hold(self, daemon) -> None:
+        daemon.proc.send_signal(signal.SIGSTOP)
+        self.stopped.append(daemon)
+
+    def release(self, daemon) -> None:
+        daemon.proc.send_signal(signal.SIGCONT)
+        self.stopped.remove(daemon)
+
+    def release_all(self) -> None:
+        for daemon in list(self.stopped):
+            self.release(daemon)
+
+    def result(self):
+        self.release_all()
+        out, err = self.send.communicate(timeout=60)
+        return self.send.returncode, out, err
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def test_cancel_from_the_receiving_side_mid_file(net, tmp_path):
-    """The sender is held still with SIGSTOP so that the transfer is in the
-    middle of a file when it is cancelled, whatever the machine's speed."""
     a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
     ea, eb = a.events(), b.events()
-    big = tmp_path / "huge.bin"
-    with open(big, "wb") as f:
-        f.truncate(256 * 1024 * 1024)  # far more than the socket buffers hold
-    send = subprocess.Popen(a.cli_args("send", b.address, str(big)), env=a.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    stopped = []
+    big = sparse_file(tmp_path / "huge.bin", 256 * 1024 * 1024)  # far more than socket buffers hold
+    held = MidFile(a, b, eb, big)
     try:
-        offer = eb.wait_for(lambda e: e["event"] == "offer")
-        a.proc.send_signal(signal.SIGSTOP)  # 1. the sender holds still
-        stopped.append(a)
-        assert b.cli("accept", offer["id"]).returncode == 0
-        b.proc.send_signal(signal.SIGSTOP)  # 2. the receiver too; the sender fills the socket buffers
-        stopped.append(b)
-        a.proc.send_signal(signal.SIGCONT)
-        stopped.remove(a)
-        wait_until(lambda: any(t["bytes"] > 0 for t in a.request("transfers")[-1]["transfers"]),
-                   what="the sender to start streaming")
-        a.proc.send_signal(signal.SIGSTOP)  # 3. the sender stops mid-file; the receiver reads what is queued
-        stopped.append(a)
-        b.proc.send_signal(signal.SIGCONT)
-        stopped.remove(b)
-        listed = wait_until(lambda: [t for t in transfers_of(b) if t["bytes"] > 0], what="bytes received")
-        t = listed[0]
+        t = held.listed[0]
         assert (t["id"], t["direction"], t["peer"], t["name"], t["file"]) == (
-            offer["id"], "in", a.address, "alpha", "huge.bin")
+            held.offer["id"], "in", a.address, "alpha", "huge.bin")
         assert 0 < t["bytes"] < t["size"] == big.stat().st_size
         assert b.temp_files()  # the partial file
         human = b.cli("transfers").stdout.splitlines()
         assert human[0].split() == ["ID", "DIR", "PEER", "FILE", "DONE", "BYTES"]
-        assert human[1].split()[:4] == [offer["id"], "in", "alpha", "huge.bin"]
-        cancel = b.cli("cancel", offer["id"])
-        assert cancel.returncode == 0 and cancel.stdout == f"transfer {offer['id']} cancelled\n"
-        failed = eb.wait_for(lambda e: e["event"] == "transfer-failed")
-        assert failed["code"] == "cancelled"
+        assert human[1].split()[:4] == [held.offer["id"], "in", "alpha", "huge.bin"]
+        cancel = b.cli("cancel", held.offer["id"])
+        assert cancel.returncode == 0 and cancel.stdout == f"transfer {held.offer['id']} cancelled\n"
+        assert eb.wait_for(lambda e: e["event"] == "transfer-failed")["code"] == "cancelled"
         wait_until(lambda: b.temp_files() == [], what="the temp file to go")
         assert transfers_of(b) == []
     finally:
-        for d in stopped:
-            d.proc.send_signal(signal.SIGCONT)
-    out, err = send.communicate(timeout=60)
-    assert send.returncode == cli.EXIT_CANCELLED == 8, err
+        code, out, err = held.result()
+    assert code == cli.EXIT_CANCELLED == 8, err
     assert "cancelled" in err
     assert ea.wait_for(lambda e: e["event"] == "transfer-failed")["code"] == "cancelled"
     assert os.listdir(b.downloads) == []
     wait_until(lambda: transfers_of(a) == [], what="the sender to forget it")
+
+
+def test_a_file_changed_while_sent_fails_verification(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
+    eb = b.events()
+    big = sparse_file(tmp_path / "moving.bin", 64 * 1024 * 1024)
+    held = MidFile(a, b, eb, big, "--json")
+    try:
+        info = big.stat()
+        os.utime(big, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # someone saved it meanwhile
+    finally:
+        code, out, err = held.result()
+    assert code == cli.EXIT_VERIFY == 7, err
+    last = json.loads(out.splitlines()[-1])
+    assert last["ok"] is False and last["code"] == "file-changed"
+    assert eb.wait_for(lambda e: e["event"] == "file-failed")["code"] == "file-changed"
+    assert os.listdir(b.downloads) == [] and b.temp_files() == []
 
 
 def test_cancel_from_the_sending_side(net, tmp_path):
