@@ -203,7 +203,7 @@ def test_daemon_logs_json_with_json(net):
     a = net.daemon("alpha", start=False)
     a.proc = subprocess.Popen(a.cli_args("daemon", "--json"), env=a.env, stderr=subprocess.PIPE, text=True,
                               cwd=a.dir)
-    wait_until(lambda: os.path.exists(a.command_socket), what="the daemon to start")
+    wait_until(lambda: os.path.exists(a.command_socket) and a.alive_and_answering(), what="the daemon to start")
     first = json.loads(a.proc.stderr.readline())
     assert first["level"] == "info" and "alpha" in first["message"]
     assert a.terminate() == 0
