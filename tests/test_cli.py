@@ -12,19 +12,15 @@ import json
 import os
 import pty
 import re
-import select
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import threading
-import time
 from pathlib import Path
 from typing import Dict, List
 
-import pytest
 from conftest import ROOT, random_file, tnet_on_path, wait_until
 
 from tnet import cli
@@ -99,7 +95,8 @@ def test_send_on_a_terminal_draws_a_live_line_and_a_summary(net, tmp_path):
 
 
 def test_send_into_a_pipe_prints_plain_lines(net, tmp_path):
-    a, b = net.daemon("alpha"), net.daemon("bravo")
+    a = net.daemon("alpha")
+    net.daemon("bravo")
     big = random_file(tmp_path / "big.bin", 8 * 1024 * 1024, seed=4)
     small = tmp_path / "small.txt"
     small.write_text("hello")
@@ -560,7 +557,8 @@ def complete(words: List[str], env: Dict[str, str]) -> List[str]:
 def test_bash_completion(net, tmp_path):
     script = ROOT / "contrib" / "tnet.bash-completion"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    a, b = net.daemon("alpha"), net.daemon("bravo")
+    a = net.daemon("alpha")
+    net.daemon("bravo")
     env = dict(a.env, PATH=tnet_on_path(tmp_path / "bin"))
     commands = re.findall(r"^    (\w+)", a.cli("--help").stdout, re.M)
     assert sorted(complete(["tnet", ""], env)) == sorted(commands + ["--help", "--version"])
