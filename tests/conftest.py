@@ -267,3 +267,13 @@ def random_file(path: Path, size: int, seed: int = 0) -> Path:
             f.write(rng.getrandbits(8 * n).to_bytes(n, "little") if n else b"")
             left -= n
     return path
+
+
+def tnet_on_path(folder: Path) -> str:
+    """A `tnet` command in ``folder`` that runs this checkout's `python -m tnet`;
+    returns a PATH with ``folder`` first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "tnet"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tnet "$@"\n')
+    wrapper.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from . import __version__
 from .util import (
@@ -56,14 +57,17 @@ EXIT_BY_CODE = {
     "file-error": EXIT_LOCAL_FILE,
     "verify-failed": EXIT_VERIFY,
     "file-changed": EXIT_VERIFY,
+    "shutdown": EXIT_UNREACHABLE,
     "cancelled": EXIT_CANCELLED,
 }
 
 EPILOG = """\
-exit codes:
-  0 ok · 1 other error · 2 usage · 3 daemon not running · 4 peer unreachable or unknown
-  5 refused by the peer (declined, not allowed, no space) · 6 local file error
-  7 verification failed · 8 cancelled
+exit codes (the same for every command):
+  0  ok                             5  refused by the peer (declined, not allowed, no space)
+  1  other error                    6  local file error (no such file, unreadable, bad name)
+  2  usage error                    7  verification failed (SHA-256 mismatch, file changed)
+  3  daemon not running             8  cancelled (`tnet cancel`, Ctrl-C, either side)
+  4  peer unreachable or unknown
 
 examples:
   tnet daemon &                      start the daemon (see the README for its variables)
@@ -72,15 +76,21 @@ examples:
   tnet send 192.168.1.20 photos/     send a folder to an address
   tnet message laptop "lunch?"       a short note, shown by `tnet watch` there
   tnet watch                         follow incoming messages and transfers
+  tnet send --json laptop a.txt      JSON Lines for scripts; every command takes --json
+
+`tnet COMMAND --help` explains one command, with examples.
 """
 
-
 class CliError(Exception):
-    """A failure to report on stderr as one line, with its exit code."""
+    """A failure to report on stderr as one line, with its exit code; with
+    ``--json`` also on stdout as ``{"ok": false, "code": slug, "error": …}``
+    unless the daemon's own answer saying so was printed (``shown``)."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(self, message: str, code: int = EXIT_ERROR, slug: str = "error", shown: bool = False) -> None:
         super().__init__(message)
         self.exit_code = code
+        self.slug = slug
+        self.shown = shown
 
 
 # --- Talking to the daemon --------------------------------------------------------
@@ -93,10 +103,11 @@ def connect(path: str, variable: str) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         raise CliError(f"no tnet daemon is running on {variable}={path} (start one with `tnet daemon`)",
-                       EXIT_NO_DAEMON) from None
+                       EXIT_NO_DAEMON, "no-daemon") from None
     except OSError as exc:
         sock.close()
-        raise CliError(f"cannot reach the daemon at {variable}={path}: {exc.strerror}", EXIT_NO_DAEMON) from None
+        raise CliError(f"cannot reach the daemon at {variable}={path}: {exc.strerror}", EXIT_NO_DAEMON,
+                       "no-daemon") from None
     return sock
 
 
@@ -123,15 +134,16 @@ def request(env: Dict[str, str], cmd: str, **args: Any) -> Iterator[Dict[str, An
             yield answer
             if "ok" in answer:
                 return
-    raise CliError("the daemon closed the connection without an answer")
+    raise CliError("the daemon closed the connection without an answer", EXIT_NO_DAEMON, "no-daemon")
 
 
-def final(answer: Dict[str, Any]) -> Dict[str, Any]:
+def final(answer: Dict[str, Any], shown: bool = False) -> Dict[str, Any]:
     """The answer if ok, else a CliError with the daemon's reason."""
     if answer.get("ok"):
         return answer
-    code = answer.get("code", "error")
-    raise CliError(f"{code}: {printable(str(answer.get('error', '')))}", EXIT_BY_CODE.get(code, EXIT_ERROR))
+    code = str(answer.get("code", "error"))
+    raise CliError(f"{code}: {printable(str(answer.get('error', '')))}", EXIT_BY_CODE.get(code, EXIT_ERROR),
+                   code, shown)
 
 
 def run_simple(env: Dict[str, str], cmd: str, **args: Any) -> Dict[str, Any]:
@@ -156,36 +168,74 @@ def columns(rows: List[List[str]], out: TextIO) -> None:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
 
 
+def duration(seconds: float) -> str:
+    """Tenths under a minute (a LAN transfer often takes less than one)."""
+    return f"{seconds:.1f}s" if seconds < 60 else human_duration(seconds)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 class Progress:
-    """Draws transfer progress: one live line on a terminal, plain lines off it."""
+    """Transfer progress for people.
+
+    On a terminal, the file in flight has one live line, redrawn in place
+    (name, percent, bytes, rate, ETA); when the file is done the line is
+    replaced by a plain one, so that each file leaves one line behind. Off a
+    terminal (a pipe, CI) nothing is redrawn: only the plain lines, never a
+    control character. Progress events come from the daemon at most four
+    times a second per transfer, one at 0% when a large file starts.
+    """
 
     def __init__(self, out: TextIO, tty: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.tty = tty
         self.clock = clock
-        self.started = clock()
-        self.live = False
+        self.live = False  # a live line is on the screen
+        self.file: Tuple[Any, str] = (None, "")  # (transfer id, file) of the live line
+        self.file_started = 0.0
 
     def update(self, event: Dict[str, Any]) -> None:
-        if not self.tty:
-            return  # off a terminal, only completed files are worth a line
-        size, done = event.get("size") or 0, event.get("bytes") or 0
-        elapsed = max(self.clock() - self.started, 1e-6)
-        rate = done / elapsed
-        percent = 100.0 * done / size if size else 100.0
-        eta = human_duration((size - done) / rate) if rate > 0 else "?"
-        name = printable(str(event.get("file", "")))[-40:]
-        line = f"{name}  {percent:5.1f}%  {human_size(done)}/{human_size(size)}  {human_size(rate)}/s  ETA {eta}"
-        self.out.write("\r\x1b[2K" + line)
+        """Redraw the live line from a progress event (on a terminal only)."""
+        if not self.tty or not event.get("file"):
+            return
+        now = self.clock()
+        key = (event.get("id"), event["file"])
+        if key != self.file:
+            self.file, self.file_started = key, now
+        size, done = event.get("file_size") or 0, event.get("file_bytes") or 0
+        rate = done / (now - self.file_started) if now > self.file_started else 0.0
+        eta = human_duration((size - done) / rate) if rate > 0 else "--"
+        percent = 100 * done // size if size else 100
+        tail = f"  {percent:3d}%  {human_size(done)}/{human_size(size)}  {human_size(rate)}/s  ETA {eta}"
+        width = shutil.get_terminal_size().columns - 1  # the last column would wrap on some terminals
+        name = shorten(printable(str(event["file"])), max(width - len(tail), 12))
+        self.out.write("\r\x1b[2K" + (name + tail)[:width])
         self.out.flush()
         self.live = True
 
+    def file_done(self, event: Dict[str, Any], text: str) -> None:
+        """A file is complete: its line becomes ``text``, with its rate if it was seen moving."""
+        if self.file == (event.get("id"), event.get("file")):
+            seconds = self.clock() - self.file_started
+            if seconds > 0:
+                text += f" at {human_rate(event.get('size') or 0, seconds)}"
+            self.file = (None, "")
+        self.line(text)
+
     def line(self, text: str) -> None:
+        """A plain line (the live one, if any, is wiped first)."""
         if self.live:
             self.out.write("\r\x1b[2K")
             self.live = False
         self.out.write(text + "\n")
         self.out.flush()
+
+
+def shorten(name: str, room: int) -> str:
+    """Keep the end of a long path: it names the file."""
+    return name if len(name) <= room else "\u2026" + name[-(room - 1):]
 
 
 # --- Subcommands -----------------------------------------------------------------
@@ -198,7 +248,7 @@ def cmd_daemon(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> in
         config = load_config(env)
     except ConfigError as exc:
         raise CliError(f"daemon: {exc}") from None
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, as_json=args.json)
     return daemon.main(config)
 
 
@@ -227,8 +277,10 @@ def cmd_discover(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> 
     answer = run_simple(env, "discover", timeout=args.timeout)
     if args.json:
         print_json(answer["peers"], out)
-    else:
+    elif answer["peers"]:
         columns([[printable(p["name"]), p["address"]] for p in answer["peers"]], out)
+    else:
+        print("no peers answered (is tnet running there, with the same BROADCAST_PORT?)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -236,10 +288,12 @@ def cmd_peers(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int
     answer = run_simple(env, "peers")
     if args.json:
         print_json(answer["peers"], out)
-    else:
-        rows = [[printable(p["name"]), p["address"], f"seen {human_duration(p['seen_s_ago'])} ago"]
+    elif answer["peers"]:
+        rows = [[printable(p["name"]), p["address"], f"seen {duration(p['seen_s_ago'])} ago"]
                 for p in answer["peers"]]
         columns(rows, out)
+    else:
+        print("no peers seen yet; `tnet discover` looks for them", file=sys.stderr)
     return EXIT_OK
 
 
@@ -248,55 +302,71 @@ def cmd_message(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> i
     answer = run_simple(env, "message", peer=args.peer, text=text)
     if args.json:
         print_json(answer, out)
+    else:
+        out.write(f"delivered to {printable(answer['name'])} ({answer['peer']})\n")
     return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
     paths = []
     for path in args.files:
-        full = os.path.abspath(path)
-        if not os.path.exists(full):
-            raise CliError(f"file-error: {printable(path)}: no such file or folder", EXIT_LOCAL_FILE)
-        paths.append(full)
-    progress = Progress(out, out.isatty() and not args.json)
-    last: Dict[str, Any] = {}
+        if not os.path.lexists(path):
+            raise CliError(f"file-error: {printable(path)}: no such file or folder", EXIT_LOCAL_FILE, "file-error")
+        paths.append(os.path.abspath(path))
+    started: Dict[str, Any] = {}  # the "started" answer: the transfer id, for Ctrl-C
     try:
-        for answer in request(env, "send", peer=args.peer, paths=paths):
-            last = answer
-            show_send_line(answer, args.json, progress, out)
+        answer = show_send(request(env, "send", peer=args.peer, paths=paths), args, out, started)
     except KeyboardInterrupt:
-        if last.get("id"):  # the daemon goes on with a half-closed client; say stop
-            run_simple(env, "cancel", id=last["id"])
-        raise CliError("cancelled", EXIT_CANCELLED) from None
-    if last.get("ok") and not args.json:
-        seconds = last.get("seconds", 0)
-        progress.line(f"{last['files']} file(s), {human_size(last['bytes'])} in {human_duration(seconds)} "
-                      f"({human_rate(last['bytes'], seconds)}) to {printable(last.get('name') or last['peer'])}")
-    final(last)
+        if started.get("id"):  # the daemon goes on with a half-closed client; say stop
+            run_simple(env, "cancel", id=started["id"])
+        raise CliError("cancelled", EXIT_CANCELLED, "cancelled") from None
+    final(answer, shown=args.json)
     return EXIT_OK
 
 
-def show_send_line(answer: Dict[str, Any], as_json: bool, progress: Progress, out: TextIO) -> None:
-    """One answer line of a `send`, as JSON or for people."""
-    if as_json:
-        print_json(answer, out)
-        return
-    kind = answer.get("event")
-    if kind == "progress":
-        progress.update(answer)
-    elif kind == "file-done":
-        progress.line(f"sent {printable(answer['file'])} ({human_size(answer['size'])})")
-    elif kind == "file-failed":
-        progress.line(f"FAILED {printable(answer['file'])}: {printable(answer['error'])}")
-    elif kind == "skipped":
-        progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+def show_send(answers: Iterator[Dict[str, Any]], args: argparse.Namespace, out: TextIO,
+              started: Dict[str, Any]) -> Dict[str, Any]:
+    """Print a send's answers as JSON Lines (all of them, as the daemon gives
+    them) or for people; return the final one."""
+    progress = Progress(out, out.isatty() and not args.json)
+    files = folders = 0
+    answer: Dict[str, Any] = {}
+    for answer in answers:
+        kind = answer.get("event")
+        if kind == "started":
+            started.update(answer)
+        if args.json:
+            print_json(answer, out)
+            continue
+        name = printable(str(answer.get("file", "")))
+        if kind == "started":
+            progress.line(f"sending {plural(answer['files'], 'item')} ({human_size(answer['bytes'])}) to "
+                          f"{printable(args.peer)}, transfer {answer['id']}")
+        elif kind == "progress":
+            progress.update(answer)
+        elif kind == "file-done" and answer.get("folder"):
+            folders += 1
+        elif kind == "file-done":
+            files += 1
+            progress.file_done(answer, f"sent {name} ({human_size(answer['size'])})")
+        elif kind == "file-failed":
+            progress.line(f"FAILED {name}: {answer['code']}: {printable(answer['error'])}")
+        elif kind == "skipped":
+            progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+    if answer.get("ok") and not args.json:
+        seconds = answer.get("seconds", 0)
+        counted = plural(files, "file") + (f" and {plural(folders, 'folder')}" if folders else "")
+        progress.line(f"{counted}, {human_size(answer['bytes'])} in {duration(seconds)} "
+                      f"({human_rate(answer['bytes'], seconds)}) to {printable(answer.get('name') or answer['peer'])}")
+    return answer
 
 
 def print_transfers(transfers: List[Dict[str, Any]], out: TextIO) -> None:
     rows = []
     for t in transfers:
-        percent = f"{100.0 * t['bytes'] / t['size']:.0f}%" if t["size"] else "-"
-        rows.append([t["id"], t["direction"], t["peer"], printable(t.get("file") or ""), percent,
+        percent = f"{100 * t['bytes'] // t['size']}%" if t["size"] else "-"
+        who = printable(t.get("name") or "") or t["peer"]
+        rows.append([t["id"], t["direction"], who, printable(t.get("file") or ""), percent,
                      f"{human_size(t['bytes'])}/{human_size(t['size'])}"])
     if rows:
         columns([["ID", "DIR", "PEER", "FILE", "DONE", "BYTES"]] + rows, out)
@@ -306,16 +376,22 @@ def cmd_transfers(args: argparse.Namespace, env: Dict[str, str], out: TextIO) ->
     answer = run_simple(env, "transfers")
     if args.json:
         print_json(answer["transfers"], out)
-    else:
+    elif answer["transfers"]:
         print_transfers(answer["transfers"], out)
+    else:
+        out.write("no open transfers\n")
     return EXIT_OK
 
 
-def cmd_by_id(cmd: str) -> Callable[[argparse.Namespace, Dict[str, str], TextIO], int]:
+def cmd_by_id(cmd: str, done: str) -> Callable[[argparse.Namespace, Dict[str, str], TextIO], int]:
+    """``cancel``, ``accept`` and ``decline``: one transfer id, a one-line answer."""
+
     def handler(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
         answer = run_simple(env, cmd, id=args.id)
         if args.json:
             print_json(answer, out)
+        else:
+            out.write(f"transfer {args.id} {done}\n")
         return EXIT_OK
 
     return handler
@@ -324,31 +400,45 @@ def cmd_by_id(cmd: str) -> Callable[[argparse.Namespace, Dict[str, str], TextIO]
 def describe_event(event: Dict[str, Any]) -> str:
     """One line for people; every peer-supplied string escaped."""
     kind = event.get("event", "?")
+    tid = f"[{event.get('id', '')}]"
     who = printable(str(event.get("name") or event.get("peer", "")))
+    to_from = "to" if event.get("direction") == "out" else "from"
     what = printable(str(event.get("file", "")))
+    size = human_size(event.get("size") or 0)
     if kind == "message":
         return f"message from {who} ({event['peer']}): {printable(event['text'])}"
-    if kind == "file-done":
-        return f"received {what} from {who} -> {printable(event.get('path', ''))}"
-    if kind in ("transfer-failed", "file-failed", "error"):
-        return f"{kind} [{event.get('id', '')}] {who}: {event.get('code')}: {printable(str(event.get('message')))}"
     if kind == "offer":
-        return (f"offer [{event['id']}] from {who}: {event['entries']} file(s), {human_size(event['size'])}; "
+        return (f"offer {tid} from {who} ({event['peer']}): {plural(event['entries'], 'item')}, {size}; "
                 f"`tnet accept {event['id']}` or `tnet decline {event['id']}`")
-    if kind == "progress":
-        return f"{event['direction']} [{event['id']}] {what} {human_size(event['bytes'])}/{human_size(event['size'])}"
-    return f"{kind} [{event.get('id', '')}] {who} {human_size(event.get('size') or 0)}".rstrip()
+    if kind == "transfer-started":
+        verb = "sending" if event.get("direction") == "out" else "receiving"
+        return f"{verb} {tid} {to_from} {who}: {plural(event['entries'], 'item')}, {size}"
+    if kind == "file-done":
+        return f"received {what} ({size}) from {who} -> {printable(str(event.get('path', '')))}"
+    if kind == "transfer-done":
+        seconds, count = event.get("seconds") or 0, event.get("files", event.get("entries", 0))
+        done = event.get("bytes") or 0
+        return (f"done {tid} {to_from} {who}: {plural(count, 'file')}, {human_size(done)} in {duration(seconds)} "
+                f"({human_rate(done, seconds)})")
+    if kind in ("transfer-failed", "file-failed"):
+        return f"{kind} {tid} {to_from} {who}: {event.get('code')}: {printable(str(event.get('message')))}"
+    if kind == "error":
+        return f"error {who}: {event.get('code')}: {printable(str(event.get('message')))}"
+    return f"{kind} {tid} {who}".rstrip()
 
 
 def run_hook(command: str, event: Dict[str, Any]) -> None:
-    """``--exec``: the event as JSON on stdin and in TNET_EVENT_JSON, and each
-    top-level field as TNET_<FIELD> in the environment."""
+    """``--exec``: run the shell command once for the event and wait for it.
+    The event is on its stdin as one JSON line and in TNET_EVENT_JSON; each
+    top-level field is in TNET_<FIELD> (upper case, ``-`` as ``_``): strings as
+    they are, other values as JSON."""
     env = dict(os.environ)
-    env["TNET_EVENT_JSON"] = json.dumps(event, ensure_ascii=False)
+    line = json.dumps(event, ensure_ascii=False)
+    env["TNET_EVENT_JSON"] = line
     for key, value in event.items():
         env["TNET_" + key.upper().replace("-", "_")] = value if isinstance(value, str) else json.dumps(value)
     try:
-        subprocess.run(command, shell=True, input=env["TNET_EVENT_JSON"].encode(), env=env, check=False)
+        subprocess.run(command, shell=True, input=(line + "\n").encode(), env=env, check=False)
     except OSError as exc:
         print(f"tnet watch: --exec failed: {exc.strerror}", file=sys.stderr)
 
@@ -357,17 +447,25 @@ def cmd_watch(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int
     path = event_socket_path(env)
     with connect(path, "EVENT_SOCKET") as sock:
         if not args.json:
-            out.write(f"watching {path} (Ctrl-C to stop)\n")
-            out.flush()
-        for event in read_lines(sock):
-            if args.json:
-                print_json(event, out)
-            else:
-                out.write(describe_event(event) + "\n")
-                out.flush()
-            if args.exec:
-                run_hook(args.exec, event)
-    raise CliError("the daemon stopped", EXIT_NO_DAEMON)
+            print(f"watching {path} (Ctrl-C to stop)", file=sys.stderr)
+        progress = Progress(out, out.isatty() and not args.json)
+        try:
+            for event in read_lines(sock):
+                if args.json:
+                    print_json(event, out)
+                elif event.get("event") == "progress":
+                    progress.update(event)  # drawn on a terminal only; REPORT_PROGRESS_IN=1 sends them
+                elif event.get("event") == "file-done":
+                    progress.file_done(event, describe_event(event))
+                else:
+                    progress.line(describe_event(event))
+                if args.exec:
+                    run_hook(args.exec, event)
+        except KeyboardInterrupt:  # the way to stop watching: not an error
+            if progress.live:
+                progress.line("")
+            return EXIT_OK
+    raise CliError("the daemon stopped", EXIT_NO_DAEMON, "no-daemon")
 
 
 # --- Arguments -------------------------------------------------------------------
@@ -384,39 +482,66 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add(name: str, handler: Callable[..., int], help_text: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+    def add(name: str, handler: Callable[..., int], help_text: str, *examples: str,
+            more: str = "") -> argparse.ArgumentParser:
+        lines = "\n".join(f"  {example}" for example in examples)
+        p = sub.add_parser(name, help=help_text, description=help_text + more, epilog=f"examples:\n{lines}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
-        if name != "daemon":
-            p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+        p.add_argument("--json", action="store_true", help=JSON_HELP.get(name, "machine-readable output (JSON)"))
         return p
 
     add("daemon", cmd_daemon, "run the daemon in the foreground (configured by environment variables)",
-        "BIND_ADDRESS=127.0.0.2 BROADCAST_ADDRESS=127.255.255.255 tnet daemon")
-    p = add("discover", cmd_discover, "list the other daemons on the network", "tnet discover --timeout 2")
+        "tnet daemon                          defaults: every interface, sockets in ./run/tnet/",
+        "BIND_ADDRESS=192.168.1.20 tnet daemon    serve on one address only",
+        "ACCEPT=ask ALLOW_FROM=192.168.1.0/24 tnet daemon    ask before taking files, from this LAN only")
+    p = add("discover", cmd_discover, "ask the network which tnet daemons are there (name, address)",
+            "tnet discover", "tnet discover --timeout 3 --json")
     p.add_argument("--timeout", type=float, default=1.0, metavar="S", help="seconds to collect answers (1)")
-    add("peers", cmd_peers, "list peers seen recently", "tnet peers")
+    add("peers", cmd_peers, "list the peers seen recently (name, address, last seen)",
+        "tnet peers", "tnet peers --json", more="; by discovery or because they sent something")
     p = add("send", cmd_send, "send files and folders to a peer and wait until it has verified them",
-            "tnet send laptop notes.txt photos/")
+            "tnet send laptop notes.txt photos/      by name (as `tnet peers` lists it)",
+            "tnet send 192.168.1.20 report.pdf       by address",
+            "tnet send --json laptop big.iso         one JSON object per line: started, progress, file-done, ok",
+            more=". A folder arrives as one new folder under the peer's FILE_SAVE_DIR (\"photos (1)\" if "
+            "\"photos\" exists); symbolic links inside it are skipped and reported, never followed.")
     p.add_argument("peer", help="IPv4 address or host name (as `tnet discover` lists it)")
     p.add_argument("files", nargs="+", metavar="FILE", help="files or folders")
     p = add("message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
+            "tnet message laptop 'lunch?'",
             "echo 'build done' | tnet message laptop -")
     p.add_argument("peer", help="IPv4 address or host name")
     p.add_argument("text", help="the message; - reads it from standard input")
-    p = add("watch", cmd_watch, "print incoming messages, transfers and errors as they happen",
-            "tnet watch --exec 'notify-send tnet \"$TNET_EVENT\"'")
-    p.add_argument("--exec", metavar="CMD", help="run CMD (a shell command) for each event; the event is on "
-                   "its stdin as JSON and in TNET_EVENT_JSON, each field in TNET_<FIELD>")
-    add("status", cmd_status, "show the daemon's configuration and open transfers", "tnet status --json")
-    add("transfers", cmd_transfers, "list open transfers", "tnet transfers")
-    for name, text in (("cancel", "stop a transfer (either side); both sides clean up"),
-                       ("accept", "accept an offer waiting in ACCEPT=ask mode"),
-                       ("decline", "decline an offer waiting in ACCEPT=ask mode")):
-        p = add(name, cmd_by_id(name), text, f"tnet {name} 3")
+    p = add("watch", cmd_watch, "print messages, offers, transfers and errors as they happen",
+            "tnet watch",
+            "tnet watch --json | grep --line-buffered message",
+            "tnet watch --exec 'notify-send \"tnet $TNET_EVENT\" \"$TNET_TEXT$TNET_FILE\"'",
+            more=". On a terminal, incoming files show live progress when the daemon runs with "
+            "REPORT_PROGRESS_IN=1.")
+    p.add_argument("--exec", metavar="CMD", help="run the shell command CMD once per event, waiting for it: the "
+                   "event is on its stdin as one JSON line and in TNET_EVENT_JSON, and each field in "
+                   "TNET_<FIELD> (TNET_EVENT, TNET_NAME, TNET_PEER, TNET_TEXT, TNET_FILE, TNET_PATH, ...)")
+    add("status", cmd_status, "show the daemon's configuration and open transfers", "tnet status",
+        "tnet status --json")
+    add("transfers", cmd_transfers, "list open transfers (id, direction, peer, file, progress)",
+        "tnet transfers", "tnet transfers --json")
+    for name, text, done in (
+        ("cancel", "stop a transfer, from either side: both clean up and report it cancelled", "cancelled"),
+        ("accept", "take an offer waiting for a decision (ACCEPT=ask)", "accepted"),
+        ("decline", "refuse an offer waiting for a decision (ACCEPT=ask)", "declined"),
+    ):
+        p = add(name, cmd_by_id(name, done), text, f"tnet {name} 3         the id as `tnet transfers` or "
+                "`tnet watch` show it")
         p.add_argument("id", help="transfer id, as `tnet transfers` or `tnet watch` show it")
     return parser
+
+
+JSON_HELP = {
+    "daemon": "log as JSON objects, one per line, on stderr",
+    "send": "JSON Lines: every answer of the daemon, the last one carrying \"ok\"",
+    "watch": "each event as the daemon publishes it, one JSON object per line",
+}
 
 
 def main(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
@@ -427,6 +552,8 @@ def main(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
     try:
         return args.handler(args, env, out)
     except CliError as exc:
+        if getattr(args, "json", False) and not exc.shown:
+            print_json({"ok": False, "code": exc.slug, "error": str(exc), "exit": exc.exit_code}, out)
         print(f"tnet {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -344,6 +344,8 @@ class PeerConn(Conn):
         self.total = 0
         self.bytes_done = 0
         self.current = ""  # name of the file in flight
+        self.current_size = 0
+        self.current_from = 0  # bytes_done when the file in flight started
         self.progress_at = -math.inf
         daemon.peer_count += 1
 
@@ -438,6 +440,7 @@ class PeerConn(Conn):
         """Record the failure once and let the subclass report and clean up."""
         if self.result is None:
             self.result = (code, message)
+            self.daemon.transfers.pop(self.id, None)  # over, though an error frame may still be going out
             self.on_failed(code, message)
 
     def on_failed(self, code: str, message: str) -> None:
@@ -460,8 +463,14 @@ class PeerConn(Conn):
             "file": self.current,
             "bytes": self.bytes_done,
             "size": self.total,
+            "file_bytes": self.bytes_done - self.current_from if self.current else 0,
+            "file_size": self.current_size if self.current else 0,
             "seconds": round(self.daemon.clock() - self.started, 3),
         }
+
+    def start_file(self, name: str, size: int) -> None:
+        """A file of the batch is now in flight (for describe and progress)."""
+        self.current, self.current_size, self.current_from = name, size, self.bytes_done
 
     def report_progress(self, client: Optional[ClientConn], publish: bool, force: bool = False) -> None:
         now = self.daemon.clock()
@@ -558,7 +567,8 @@ class InboundPeer(PeerConn):
         super().on_deadline()
 
     def _on_file(self, event: proto.FileHeader) -> None:
-        self.header, self.current = event, "/".join(event.path)
+        self.header = event
+        self.start_file("/".join(event.path), event.size)
         try:
             self.temp_fd, self.temp_path = tempfile.mkstemp(
                 prefix=".tnet-", suffix=".part", dir=self.daemon.config.temp_dir
@@ -811,7 +821,7 @@ class OutboundPeer(PeerConn):
         entry = self.entries[event.index]
         name = "/".join(entry.parts)
         if isinstance(event, proto.Done):
-            result = {"event": "file-done", "file": name, "size": entry.size}
+            result = {"event": "file-done", "file": name, "size": entry.size, "folder": not entry.path}
         else:
             result = {"event": "file-failed", "file": name, "size": entry.size, "code": event.code,
                       "error": event.message}
@@ -824,8 +834,8 @@ class OutboundPeer(PeerConn):
     def complete(self) -> None:
         seconds = self.daemon.clock() - self.started
         failures = [r for r in self.results.values() if r["event"] == "file-failed"]
-        summary = {"id": self.id, "peer": self.address, "name": self.peer_name, "files": len(self.entries),
-                   "bytes": self.total, "seconds": round(seconds, 3)}
+        summary = {"id": self.id, "direction": "out", "peer": self.address, "name": self.peer_name,
+                   "files": len(self.entries), "bytes": self.total, "seconds": round(seconds, 3)}
         if failures:
             first = failures[0]
             self.result = (first["code"], first["error"])
@@ -872,7 +882,7 @@ class OutboundPeer(PeerConn):
         entry = self.entries[self.next_entry]
         index = self.next_entry
         self.next_entry += 1
-        self.current = "/".join(entry.parts)
+        self.start_file("/".join(entry.parts), entry.size)
         if not entry.path:
             self.out += proto.encode_frame(proto.Folder(index, entry.parts))
             return 64
@@ -896,6 +906,7 @@ class OutboundPeer(PeerConn):
             self.bytes_done += entry.size
             self.finish_entry()
             return 64 + entry.size
+        self.report_progress(self.client, self.daemon.config.report_progress_out, force=True)  # a 0% line
         return 64
 
     def send_file_piece(self) -> int:

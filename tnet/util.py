@@ -40,6 +40,7 @@ LOG_LEVEL              info                        debug, info, warning or error
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import socket
 import struct
@@ -266,12 +267,22 @@ def monotonic() -> float:
     return time.monotonic()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s tnet %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, as_json: bool = False) -> None:
+    """Log lines on stderr; ``as_json``: one JSON object per line (`tnet daemon --json`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if as_json else
+                         logging.Formatter("%(asctime)s tnet %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+class JsonLogFormatter(logging.Formatter):
+    """``{"time": epoch seconds, "level": "info", "message": "..."}``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
