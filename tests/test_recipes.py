@@ -1,7 +1,6 @@
 """The README's recipes run as written.
 
-The shell blocks of the "## Recipes" section (README.md once it has one,
-README-recipes.md until then) run in order with bash, against daemons on
+The shell blocks of README.md's "## Recipes" section run in order with bash, against daemons on
 loopback: "desk", the daemon the commands talk to, and "laptop", its one
 peer. Only the environment is arranged: the socket variables, a HOME and
 XDG_RUNTIME_DIR of the test's own, and on PATH a `tnet` that runs this
@@ -64,15 +63,10 @@ while not os.path.exists(env["COMMAND_SOCKET"]):  # started, as Type=notify woul
 
 
 def recipes_text() -> str:
-    """The "## Recipes" section of README.md, else of README-recipes.md."""
-    for name in ("README.md", "README-recipes.md"):
-        path = ROOT / name
-        if path.exists():
-            text = path.read_text()
-            found = re.search(r"^## Recipes\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-            if found:
-                return found.group(1)
-    raise AssertionError("no '## Recipes' section in README.md or README-recipes.md")
+    """The "## Recipes" section of README.md."""
+    found = re.search(r"^## Recipes\n(.*?)(?=^## |\Z)", (ROOT / "README.md").read_text(), re.M | re.S)
+    assert found, "no '## Recipes' section in README.md"
+    return found.group(1)
 
 
 def recipes() -> List[Tuple[str, str]]:
