@@ -43,9 +43,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
 
 
 def next_address() -> str:
-    """A fresh loopback address per daemon, so no test inherits another's state."""
-    n = next(_hosts)
-    return f"127.{_NET}.{n // 250}.{2 + n % 250}"
+    """A fresh loopback address per daemon, so no test inherits another's state;
+    one whose data port another run on this machine holds is passed over."""
+    while True:
+        n = next(_hosts)
+        address = f"127.{_NET}.{n // 250}.{2 + n % 250}"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, 0xC00D))
+            except OSError:
+                continue
+        return address
 
 
 def free_udp_port() -> int:
