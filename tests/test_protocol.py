@@ -35,13 +35,32 @@ def batch_stream(files) -> bytes:
     return b"".join(out)
 
 
+def offer_end(stream: bytes) -> int:
+    """Where the opening frame ends, if it is an offer (the receiver accepts there)."""
+    start = len(p.PREFACE)
+    if len(stream) < start + 4:
+        return 0
+    end = start + 4 + struct.unpack_from(">I", stream, start)[0]
+    try:
+        return end if json.loads(stream[start + 4:end]).get("type") == "offer" else 0
+    except ValueError:
+        return 0
+
+
 def decode_all(stream: bytes, role: str = "acceptor", splits=None):
-    """Feed ``stream`` in pieces; join the FileData so that results compare."""
+    """Feed ``stream`` in pieces, accepting an offer as a receiver would, and
+    join the FileData so that results compare."""
     decoder = p.StreamDecoder(role)
-    pieces = [stream] if splits is None else split_at(stream, splits)
+    accept_at = offer_end(stream) if role == "acceptor" else 0
+    pieces = split_at(stream, list(splits or []) + [accept_at])
     events = []
+    fed = 0
     for piece in pieces:
-        for event in decoder.feed(piece):
+        fed += len(piece)
+        new = decoder.feed(piece)
+        if accept_at and fed == accept_at:
+            decoder.accept_offer()
+        for event in new:
             if isinstance(event, p.FileData):
                 data = bytes(event.data)
                 if events and isinstance(events[-1], p.FileData):
@@ -55,9 +74,17 @@ def decode_all(stream: bytes, role: str = "acceptor", splits=None):
 
 
 def split_at(data: bytes, points) -> list:
-    points = sorted(set(min(max(0, x), len(data)) for x in points))
+    points = sorted(set(min(max(0, x), len(data)) for x in points) - {0, len(data)})
     edges = [0] + points + [len(data)]
     return [data[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def accepted(offer: p.Offer) -> p.StreamDecoder:
+    """A receiver's decoder that has taken ``offer`` and answered accept."""
+    decoder = p.StreamDecoder("acceptor")
+    assert decoder.feed(PRE + p.encode_frame(offer)) == [offer]
+    decoder.accept_offer()
+    return decoder
 
 
 FILES = [("a.txt", b"hello"), ("empty", b""), ("big.bin", bytes(range(256)) * 1000)]
@@ -123,9 +150,8 @@ def test_sender_may_disown_a_file_in_place_of_its_end():
 
 
 def test_file_data_views_the_callers_buffer_without_copy():
-    decoder = p.StreamDecoder("acceptor")
-    decoder.feed(p.encode_preface() + p.encode_frame(p.Offer("h", 1, 10)) + p.encode_frame(
-        p.FileHeader(0, ("f",), 10)))
+    decoder = accepted(p.Offer("h", 1, 10))
+    decoder.feed(p.encode_frame(p.FileHeader(0, ("f",), 10)))
     assert decoder.data_remaining == 10
     buf = bytearray(b"0123456789")
     [chunk] = decoder.feed(memoryview(buf))
@@ -187,9 +213,6 @@ MALFORMED = [
     ("unexpected-frame", PRE + frame({"type": "message", "name": "h", "text": "x"})
      + frame({"type": "message", "name": "h", "text": "x"})),
     ("bad-nonce", PRE + frame({"type": "announce", "name": "h", "nonce": "xyz"})),
-    ("bad-frame", PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": ["f"],
-                                                                     "size": 1}) + b"x"
-     + frame({"type": "end", "sha256": "Z" * 64})),
     ("frame-too-large", PRE + struct.pack(">I", p.MAX_FRAME_BYTES + 1)),
 ]
 
@@ -210,26 +233,46 @@ HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "..", ".", "a\x00b", "a\nb", "a\
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_hostile_file_names_are_refused(name):
-    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": [name],
-                                                                "size": 1})
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(stream)
+        accepted(p.Offer("h", 1, 1)).feed(frame({"type": "file", "index": 0, "path": [name], "size": 1}))
     assert info.value.code == "bad-name"
 
 
 def test_invalid_utf8_in_a_name_is_refused():
     payload = b'{"type":"file","index":0,"path":["a\xffb"],"size":1}'
-    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + struct.pack(">I", len(payload)) + payload
     with pytest.raises(p.RemoteProtocolError):
-        p.StreamDecoder("acceptor").feed(stream)
+        accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", len(payload)) + payload)
 
 
 def test_lone_surrogate_escaped_in_json_is_refused():
-    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + frame({"type": "file", "index": 0, "path": ["a\ud800"],
-                                                                "size": 1})
+    with pytest.raises(p.RemoteProtocolError) as info:
+        accepted(p.Offer("h", 1, 1)).feed(frame({"type": "file", "index": 0, "path": ["a\ud800"], "size": 1}))
+    assert info.value.code == "bad-name"
+
+
+def test_entries_before_the_receiver_accepts_are_refused():
+    stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + p.encode_frame(p.FileHeader(0, ("f",), 1))
     with pytest.raises(p.RemoteProtocolError) as info:
         p.StreamDecoder("acceptor").feed(stream)
-    assert info.value.code == "bad-name"
+    assert info.value.code == "unexpected-frame"
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "offer", "name": "h", "entries": 1, "size": 1,
+                                                      "evil": 1}))
+    assert info.value.code == "bad-frame"
+
+
+def test_error_text_must_be_valid_utf8():
+    with pytest.raises(p.RemoteProtocolError) as info:
+        p.StreamDecoder("initiator").feed(PRE + frame({"type": "error", "code": "x", "message": "\ud800"}))
+    assert info.value.code == "bad-frame"
+
+
+def test_clip_text_fits_an_error_frame():
+    clipped = p.clip_text("é" * p.MAX_ERROR_TEXT_BYTES)
+    assert len(clipped.encode()) <= p.MAX_ERROR_TEXT_BYTES and p.encode_frame(p.Error("x", clipped))
 
 
 def test_ordinary_names_pass():
@@ -241,24 +284,23 @@ def test_ordinary_names_pass():
 def test_truncated_streams_raise_at_eof(cut):
     stream = batch_stream([("a.txt", b"hello")])
     decoder = p.StreamDecoder("acceptor")
-    decoder.feed(stream[:cut])
+    for piece in split_at(stream[:cut], [offer_end(stream)]):
+        if any(isinstance(e, p.Offer) for e in decoder.feed(piece)):
+            decoder.accept_offer()
     with pytest.raises(p.RemoteProtocolError) as info:
         decoder.feed_eof()
     assert info.value.code == "truncated"
 
 
 def test_a_file_larger_than_the_offer_is_refused():
-    stream = PRE + p.encode_frame(p.Offer("h", 1, 4)) + p.encode_frame(p.FileHeader(0, ("f",), 5))
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(stream)
+        accepted(p.Offer("h", 1, 4)).feed(p.encode_frame(p.FileHeader(0, ("f",), 5)))
     assert info.value.code == "size-mismatch"
 
 
 def test_more_entries_than_offered_are_refused():
-    stream = PRE + p.encode_frame(p.Offer("h", 1, 0)) + p.encode_frame(p.Folder(0, ("d",))) \
-        + p.encode_frame(p.Folder(1, ("e",)))
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(stream)
+        accepted(p.Offer("h", 1, 0)).feed(p.encode_frame(p.Folder(0, ("d",))) + p.encode_frame(p.Folder(1, ("e",))))
     assert info.value.code == "unexpected-frame"
 
 
@@ -315,13 +357,18 @@ def test_message_limit_including_worst_case_escaping():
 
 
 def test_header_limit_after_the_first_frame():
-    decoder = p.StreamDecoder("acceptor")
-    decoder.feed(PRE + p.encode_frame(p.Offer("h", 1, 1)))
-    decoder.feed(struct.pack(">I", p.MAX_HEADER_BYTES))  # N: still waiting for the payload
+    accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", p.MAX_HEADER_BYTES))  # N: waiting for the payload
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(PRE + p.encode_frame(p.Offer("h", 1, 1))
-                                         + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
+        accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", p.MAX_HEADER_BYTES + 1))
     assert info.value.code == "frame-too-large"
+
+
+def test_bad_sha256_is_refused():
+    decoder = accepted(p.Offer("h", 1, 1))
+    decoder.feed(p.encode_frame(p.FileHeader(0, ("f",), 1)) + b"x")
+    with pytest.raises(p.RemoteProtocolError) as info:
+        decoder.feed(frame({"type": "end", "sha256": "Z" * 64}))
+    assert info.value.code == "bad-frame"
 
 
 def test_first_frame_limit():
@@ -374,11 +421,14 @@ ALL_EVENTS = (p.Announce, p.Message, p.Ack, p.Offer, p.Accept, p.Wait, p.FileHea
 
 
 def feed_checked(decoder, pieces):
-    """Feed pieces; only events or RemoteProtocolError; the buffer stays bounded."""
+    """Feed pieces, accepting offers; only events or RemoteProtocolError; the
+    buffer stays bounded."""
     try:
         for piece in pieces:
             for event in decoder.feed(piece):
                 assert isinstance(event, ALL_EVENTS)
+                if isinstance(event, p.Offer):
+                    decoder.accept_offer()
             assert len(decoder._buf) <= p.FRAME_LENGTH.size + p.MAX_FRAME_BYTES
         decoder.feed_eof()
     except p.RemoteProtocolError as exc:
@@ -414,7 +464,8 @@ def test_mutated_valid_streams_never_escape_the_error_type(data):
         pos = data.draw(st.integers(0, len(stream) - 1))
         stream[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(stream)))
-    feed_checked(p.StreamDecoder("acceptor"), [bytes(stream[:cut]), bytes(stream[cut:])])
+    points = sorted({cut, offer_end(bytes(stream))})
+    feed_checked(p.StreamDecoder("acceptor"), split_at(bytes(stream), points))
 
 
 @SETTINGS

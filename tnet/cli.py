@@ -431,12 +431,14 @@ def run_hook(command: str, event: Dict[str, Any]) -> None:
     """``--exec``: run the shell command once for the event and wait for it.
     The event is on its stdin as one JSON line and in TNET_EVENT_JSON; each
     top-level field is in TNET_<FIELD> (upper case, ``-`` as ``_``): strings as
-    they are, other values as JSON."""
+    they are (but a NUL, which no environment can hold, as ``\\0``), other
+    values as JSON."""
     env = dict(os.environ)
     line = json.dumps(event, ensure_ascii=False)
     env["TNET_EVENT_JSON"] = line
     for key, value in event.items():
-        env["TNET_" + key.upper().replace("-", "_")] = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value)
+        env["TNET_" + key.upper().replace("-", "_")] = text.replace("\0", "\\0")
     try:
         subprocess.run(command, shell=True, input=(line + "\n").encode(), env=env, check=False)
     except OSError as exc:

@@ -37,11 +37,11 @@ import stat
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as proto
-from .util import Config, broadcast_targets, monotonic, printable
+from .util import Config, broadcast_targets, local_networks, monotonic, printable
 
 log = logging.getLogger("tnet")
 
@@ -55,6 +55,8 @@ MAX_DATAGRAMS_PER_WAKE = 64  # then let other sockets have a turn
 MAX_ANSWERS_PER_WINDOW = 2  # discovery answers per requester address per window
 ANSWER_WINDOW_S = 1.0
 MAX_PENDING_ANSWERS = 64  # announce connections in flight, all requesters together
+MAX_PEERS = 1024  # peers remembered by name; the oldest sighting is forgotten first
+NETWORKS_TTL_S = 5.0  # how long the list of directly connected networks is trusted
 LINGER_S = 2.0  # after an error frame, how long we wait for the peer to read it
 PROGRESS_INTERVAL_S = 0.25  # progress events per transfer, at most four a second
 DEFAULT_DISCOVER_S = 1.0
@@ -266,8 +268,9 @@ class ClientConn(Conn):
             self.close_after_flush()
             return
         for line in lines:
-            if self.busy:
-                self.fail("busy", "one request at a time on a connection")
+            if self.busy:  # answered, but the request in flight goes on untouched
+                self.send(proto.encode_line({"ok": False, "code": "busy",
+                                             "error": "one request at a time on a connection"}))
                 continue
             try:
                 request = proto.decode_request(line)
@@ -339,6 +342,7 @@ class PeerConn(Conn):
         self.peer_name = ""
         self.id = ""  # set when this connection becomes a transfer
         self.lingering = False  # our error frame is out; waiting for the peer's EOF
+        self.write_shut = False
         self.result: Optional[Tuple[str, str]] = None  # (code, message) once failed
         self.started = daemon.clock()
         self.total = 0
@@ -382,8 +386,9 @@ class PeerConn(Conn):
             self.on_eof()
 
     def touch(self) -> None:
-        """The peer is alive: push the idle deadline back."""
-        if not self.lingering:
+        """The peer is alive: push the idle deadline back. Until it has opened
+        the exchange, the handshake deadline stands, however it trickles."""
+        if not self.lingering and self.decoder.opened:
             self.set_deadline(self.daemon.clock() + self.daemon.config.idle_timeout)
 
     def on_progress_out(self) -> None:
@@ -415,7 +420,7 @@ class PeerConn(Conn):
         if self.closed or self.lingering:
             return
         self.end_failed(code, message)
-        self.out += proto.encode_frame(proto.Error(code, message[: proto.MAX_ERROR_TEXT_BYTES // 4]))
+        self.out += proto.encode_frame(proto.Error(code, proto.clip_text(message)))
         self.linger()
 
     def linger(self) -> None:
@@ -427,10 +432,19 @@ class PeerConn(Conn):
 
     def flush(self) -> None:
         super().flush()
-        if self.lingering and not self.out and not self.closed:
+        if self.closed:
+            return
+        if self.lingering and not self.out and not self.write_shut:
             self.shutdown_write()
+        # A peer that does not read our answers gets nothing more read from it:
+        # what we queue for it stays bounded.
+        reading = len(self.out) <= MAX_OUT_BUFFER_BYTES
+        if reading != self.reading:
+            self.reading = reading
+            self.want_write(bool(self.out) or self.wants_more_output())
 
     def shutdown_write(self) -> None:
+        self.write_shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -514,7 +528,8 @@ class InboundPeer(PeerConn):
         handler(self, event)
 
     def _on_announce(self, event: proto.Announce) -> None:
-        self.daemon.learn_peer(event.name, self.address, event.nonce)
+        if event.nonce in self.daemon.discoveries:  # unasked, it is a claim we cannot check
+            self.daemon.learn_peer(event.name, self.address, event.nonce)
         self.close()
 
     def _on_message(self, event: proto.Message) -> None:
@@ -556,6 +571,7 @@ class InboundPeer(PeerConn):
         self.touch()
         entries = self.offer.entries if self.offer else 0
         self.daemon.publish(dict(self.describe(), event="transfer-started", entries=entries))
+        self.decoder.accept_offer()
         self.send(proto.encode_frame(proto.Accept(self.daemon.config.host_name)))
         self.maybe_complete()
 
@@ -651,7 +667,7 @@ class InboundPeer(PeerConn):
         self.entries_done += 1
         log.warning("from %s: %s: %s", self.address, code, message)
         self.daemon.publish(dict(self.describe(), event="file-failed", code=code, message=message))
-        self.send(proto.encode_frame(proto.Failed(index, code, message)))
+        self.send(proto.encode_frame(proto.Failed(index, code, proto.clip_text(message))))
         self.maybe_complete()
 
     def maybe_complete(self) -> None:
@@ -858,14 +874,12 @@ class OutboundPeer(PeerConn):
 
     def stream_step(self) -> int:
         """Put the next piece of the batch on the wire; return bytes consumed."""
-        if self.entry is None:
-            if self.next_entry == len(self.entries):
-                self.streaming = False  # all sent; results are on their way
-                self.want_write(bool(self.out))
-                return SEND_CHUNK_BYTES
-            return self.start_entry()
+        if self.entry is None and self.next_entry == len(self.entries):
+            self.streaming = False  # all sent; results are on their way
+            self.want_write(bool(self.out))
+            return SEND_CHUNK_BYTES
         try:
-            sent = self.send_file_piece()
+            step = self.start_entry() if self.entry is None else self.send_file_piece()
         except LocalError as exc:
             self.abort(exc.code, exc.message)
             return 0
@@ -874,9 +888,9 @@ class OutboundPeer(PeerConn):
         except OSError as exc:
             self.fail_io(exc)
             return 0
-        if self.sent == self.entry.size:
+        if self.entry is not None and self.sent == self.entry.size and not (self.closed or self.lingering):
             self.finish_entry()
-        return max(sent, 1)
+        return max(step, 1)
 
     def start_entry(self) -> int:
         entry = self.entries[self.next_entry]
@@ -899,12 +913,10 @@ class OutboundPeer(PeerConn):
             return 0
         self.entry, self.sent, self.hasher = entry, 0, hashlib.sha256()
         self.out += proto.encode_frame(proto.FileHeader(index, entry.parts, entry.size))
-        if entry.size <= INLINE_FILE_BYTES:
-            data = self.read_for_hash(entry.size)
-            self.out += data
+        if entry.size <= INLINE_FILE_BYTES:  # stream_step finishes it at once
+            self.out += self.read_for_hash(entry.size)
             self.sent = entry.size
             self.bytes_done += entry.size
-            self.finish_entry()
             return 64 + entry.size
         self.report_progress(self.client, self.daemon.config.report_progress_out, force=True)  # a 0% line
         return 64
@@ -925,10 +937,8 @@ class OutboundPeer(PeerConn):
             self.read_for_hash(sent)
         else:
             data = self.read_for_hash(count)
-            sent = self.sock.send(data)
-            if sent < len(data):
-                self.out += data[sent:]  # the rest goes with the next flush
-                sent = len(data)
+            self.out += data  # hashed and read: it must go, with the next flush
+            sent = len(data)
         if sent == 0 and count:
             raise LocalError("file-changed", f"{entry.path} shrank while being sent")
         self.sent += sent
@@ -953,8 +963,8 @@ class OutboundPeer(PeerConn):
         changed = (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns)
         index = self.next_entry - 1
         if changed:
-            self.out += proto.encode_frame(proto.Failed(index, "file-changed", f"{self.current} changed while "
-                                                                               "being sent"))
+            reason = proto.clip_text(f"{self.current} changed while being sent")
+            self.out += proto.encode_frame(proto.Failed(index, "file-changed", reason))
         else:
             self.out += proto.encode_frame(proto.FileEnd(self.hasher.hexdigest()))
         self.close_file()
@@ -1008,6 +1018,7 @@ class Store:
     anything: a taken name becomes ``name (1).ext``, ``name (2).ext``, …"""
 
     MAX_TRIES = 10_000
+    MAX_REMEMBERED = 4096  # names whose last number is remembered
 
     def __init__(self, save_dir: str, temp_dir: str) -> None:
         self.save_dir = os.path.abspath(save_dir)
@@ -1016,29 +1027,46 @@ class Store:
         os.umask(umask)
         self.file_mode = 0o666 & ~umask
         self.dir_mode = 0o777 & ~umask
+        self.last_number: Dict[Tuple[str, str], int] = {}
+
+    def claim(self, folder: str, name: str, create: Callable[[str], Any]) -> str:
+        """Make ``name`` in ``folder`` with ``create``, or its first free
+        numbered variant, and return the path. ``create`` must raise
+        FileExistsError on a taken name and never replace one. The last
+        number given to a name is remembered, so that a thousand copies cost
+        a thousand tries, not half a million."""
+        key = (folder, name)
+        for n, candidate in numbered(name, self.last_number.get(key, 0)):
+            target = os.path.join(folder, candidate)
+            try:
+                create(target)
+            except FileExistsError:
+                continue
+            if len(self.last_number) >= self.MAX_REMEMBERED:
+                self.last_number.clear()
+            self.last_number[key] = n
+            return target
+        raise OSError(errno.EEXIST, f"no free name for {name}")
 
     def place_file(self, temp_path: str, parts: Tuple[str, ...], tops: Dict[str, str]) -> str:
         """Move a verified temp file to its place; return the path it got."""
         folder = self.folder_for(parts[:-1], tops)
         os.chmod(temp_path, self.file_mode)
-        for candidate in numbered(parts[-1]):
-            target = os.path.join(folder, candidate)
-            try:
-                os.link(temp_path, target)  # atomic and never replaces: the reservation
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                return self.copy_into(temp_path, folder, parts[-1])
-            remove_quietly(temp_path)
-            return target
-        raise OSError(errno.EEXIST, f"no free name for {parts[-1]}")
+        try:
+            # link(2) is atomic and never replaces: the reservation and the move in one.
+            target = self.claim(folder, parts[-1], lambda target: os.link(temp_path, target))
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return self.copy_into(temp_path, folder, parts[-1])
+        remove_quietly(temp_path)
+        return target
 
     def copy_into(self, temp_path: str, folder: str, name: str) -> str:
         """TEMP_DIR on another file system: reserve the name with O_EXCL, copy
         to a hidden file beside it, then rename over our own reservation."""
-        target = self.reserve(folder, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        target = self.claim(folder, name, lambda target: os.close(os.open(target, flags, self.file_mode)))
         fd, staging = tempfile.mkstemp(prefix=".tnet-", suffix=".part", dir=folder)
         try:
             os.close(fd)
@@ -1052,17 +1080,6 @@ class Store:
         remove_quietly(temp_path)
         return target
 
-    def reserve(self, folder: str, name: str) -> str:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        for candidate in numbered(name):
-            target = os.path.join(folder, candidate)
-            try:
-                os.close(os.open(target, flags, self.file_mode))
-            except FileExistsError:
-                continue
-            return target
-        raise OSError(errno.EEXIST, f"no free name for {name}")
-
     def make_folder(self, parts: Tuple[str, ...], tops: Dict[str, str]) -> str:
         return self.folder_for(parts, tops)
 
@@ -1074,7 +1091,7 @@ class Store:
             return self.save_dir
         top = tops.get(parts[0])
         if top is None:
-            top = self.new_folder(parts[0])
+            top = self.claim(self.save_dir, parts[0], lambda path: os.mkdir(path, self.dir_mode))
             tops[parts[0]] = top
         path = top
         for part in parts[1:]:
@@ -1086,28 +1103,16 @@ class Store:
                     raise OSError(errno.ENOTDIR, f"{part} exists and is not a folder") from None
         return path
 
-    def new_folder(self, name: str) -> str:
-        for candidate in numbered(name):
-            path = os.path.join(self.save_dir, candidate)
-            try:
-                os.mkdir(path, self.dir_mode)
-            except FileExistsError:
-                continue
-            return path
-        raise OSError(errno.EEXIST, f"no free name for {name}")
 
-
-def numbered(name: str) -> Any:
-    """``name``, then ``stem (1).ext``, ``stem (2).ext``, … each a valid name."""
-    yield name
+def numbered(name: str, start: int = 0) -> Iterator[Tuple[int, str]]:
+    """``name``, then ``stem (n).ext`` from ``start`` on, each a valid name."""
+    yield 0, name
     stem, ext = os.path.splitext(name)
-    if not stem:  # ".bashrc" splits into ("", ".bashrc") on no system; be safe
-        stem, ext = name, ""
-    for n in range(1, Store.MAX_TRIES):
+    for n in range(max(start, 1), Store.MAX_TRIES):
         suffix = f" ({n}){ext}"
         room = proto.MAX_NAME_BYTES - len(suffix.encode("utf-8"))
         trimmed = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
-        yield trimmed + suffix
+        yield n, trimmed + suffix
 
 
 # --- Discovery --------------------------------------------------------------------
@@ -1190,6 +1195,8 @@ class Daemon:
         self.listeners: List[Listener] = []
         self.broadcasts = broadcast_targets(config)
         self.tcp_address = ("", 0)
+        self.networks: List[ipaddress.IPv4Network] = []
+        self.networks_until = -math.inf
 
     # -- start and stop
 
@@ -1401,6 +1408,8 @@ class Daemon:
         bind = ipaddress.IPv4Address(self.config.bind_address)
         if not bind.is_unspecified and ip.is_loopback != bind.is_loopback:
             return False
+        if not any(ip in network for network in self.local_networks()):
+            return False  # a spoofed source elsewhere would make us connect there
         if self.pending_answers >= MAX_PENDING_ANSWERS:
             return False
         now = self.clock()
@@ -1432,10 +1441,21 @@ class Daemon:
 
     def learn_peer(self, name: str, address: str, nonce: str = "") -> None:
         record = PeerRecord(name, address, self.clock())
-        self.peers[(name, address)] = record
+        self.peers.pop((name, address), None)
+        self.peers[(name, address)] = record  # dicts keep order: the oldest sighting comes first
+        if len(self.peers) > MAX_PEERS:
+            del self.peers[next(iter(self.peers))]
         discovery = self.discoveries.get(nonce) if nonce else None
         if discovery is not None:
             discovery.found[(name, address)] = record
+
+    def local_networks(self) -> List[ipaddress.IPv4Network]:
+        """The directly connected networks, asked again every few seconds."""
+        now = self.clock()
+        if now >= self.networks_until:
+            self.networks = local_networks()
+            self.networks_until = now + NETWORKS_TTL_S
+        return self.networks
 
     def space_shortfall(self, size: int) -> str:
         """'' if ``size`` bytes fit in TEMP_DIR and FILE_SAVE_DIR, else why not."""
@@ -1535,8 +1555,6 @@ class Daemon:
         return entries, skipped
 
     def walk_folder(self, root: str, parts: Tuple[str, ...], entries: List[Entry], skipped: List[str]) -> None:
-        if len(parts) > proto.MAX_PATH_PARTS:
-            raise LocalError("file-error", f"{root}: deeper than {proto.MAX_PATH_PARTS} levels")
         entries.append(Entry("", parts, 0))
         try:
             children = sorted(os.scandir(root), key=lambda e: e.name)
@@ -1546,12 +1564,19 @@ class Daemon:
             if child.is_symlink():
                 skipped.append(child.path)  # never followed: it may lead out of the tree
             elif child.is_dir(follow_symlinks=False):
-                self.walk_folder(child.path, parts + (checked_name(child.name, child.path),), entries, skipped)
+                self.walk_folder(child.path, child_parts(parts, child), entries, skipped)
             elif child.is_file(follow_symlinks=False):
                 size = child.stat(follow_symlinks=False).st_size
-                entries.append(Entry(child.path, parts + (checked_name(child.name, child.path),), size))
+                entries.append(Entry(child.path, child_parts(parts, child), size))
             else:
                 skipped.append(child.path)  # sockets, fifos, devices
+
+
+def child_parts(parts: Tuple[str, ...], child: os.DirEntry) -> Tuple[str, ...]:
+    """The wire path of a folder's child, checked as the receiver will (§4.2)."""
+    if len(parts) >= proto.MAX_PATH_PARTS:
+        raise LocalError("file-error", f"{child.path}: deeper than {proto.MAX_PATH_PARTS} levels")
+    return parts + (checked_name(child.name, child.path),)
 
 
 def checked_name(name: str, path: str) -> str:

@@ -267,8 +267,17 @@ def check_sha256(value: str) -> str:
 def _check_code_text(code: str, message: str) -> None:
     if not code or len(code) > MAX_CODE_BYTES or not code.isascii() or not code.isprintable():
         raise RemoteProtocolError("bad-frame", "an error code is a short printable slug")
-    if len(message.encode("utf-8", "replace")) > MAX_ERROR_TEXT_BYTES:
+    try:
+        size = len(message.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RemoteProtocolError("bad-frame", "an error text is not valid UTF-8") from None
+    if size > MAX_ERROR_TEXT_BYTES:
         raise RemoteProtocolError("bad-frame", f"an error text is at most {MAX_ERROR_TEXT_BYTES} bytes")
+
+
+def clip_text(text: str) -> str:
+    """``text`` cut to what an error frame may carry (MAX_ERROR_TEXT_BYTES)."""
+    return text.encode("utf-8", "replace")[:MAX_ERROR_TEXT_BYTES].decode("utf-8", "ignore")
 
 
 def _check_count(value: int, limit: int, what: str) -> int:
@@ -280,6 +289,9 @@ def _check_count(value: int, limit: int, what: str) -> int:
 def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
     """Check a frame's fields by type and range and turn it into its event."""
     cls, schema = _FRAMES[kind]
+    unknown = set(fields) - set(schema) - {"type"}
+    if unknown:  # a new field means a new version (§2), never a silent extra
+        raise RemoteProtocolError("bad-frame", f"{kind} has no field {sorted(unknown)[0]!r}")
     values: Dict[str, Any] = {}
     for field, ftype in schema.items():
         value = fields.get(field)
@@ -383,6 +395,7 @@ class StreamDecoder:
         self._bytes_left = 0  # of the size the offer announced
         self._expect_end = False
         self._first = True  # the acceptor's first frame decides the connection
+        self._awaiting_accept = False  # an offer is in, our accept is not out yet
         self._error: Optional[RemoteProtocolError] = None
 
     @property
@@ -391,8 +404,13 @@ class StreamDecoder:
         return self._data_left if self._state == _DATA else 0
 
     @property
-    def expecting_entries(self) -> int:
-        return self._entries_left
+    def opened(self) -> bool:
+        """Whether the peer has sent its first frame (the handshake is over)."""
+        return not self._first
+
+    def accept_offer(self) -> None:
+        """We sent ``accept``: from now on the offered entries may come (§4.1)."""
+        self._awaiting_accept = False
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Any]:
         if self._error is not None:
@@ -490,7 +508,7 @@ class StreamDecoder:
             return _INITIATOR_ANY
         if self._first:
             return _ACCEPTOR_FIRST
-        if self._entries_left:
+        if self._entries_left and not self._awaiting_accept:
             return _ACCEPTOR_IN_BATCH
         return {"error"}
 
@@ -504,6 +522,7 @@ class StreamDecoder:
         self._first = False
         if isinstance(event, Offer):
             self._entries_left, self._bytes_left = event.entries, event.size
+            self._awaiting_accept = True
         elif isinstance(event, (FileHeader, Folder)):
             self._entries_left -= 1
         if isinstance(event, FileHeader):

@@ -222,41 +222,65 @@ _IFF_UP, _IFF_BROADCAST, _IFF_LOOPBACK = 0x1, 0x2, 0x8
 _IFREQ = struct.Struct("16s16s")  # ifr_name, then the union holding flags or an address
 
 
-def interface_broadcasts() -> List[str]:
-    """The directed broadcast address of every up, non-loopback IPv4 interface.
+@dataclass(frozen=True)
+class Interface:
+    """An up IPv4 interface, as the kernel describes it."""
 
-    Asked of the interfaces themselves (no default route needed). Empty where
-    the system or the ioctls are unknown; the caller then falls back on
-    255.255.255.255.
-    """
+    name: str
+    network: ipaddress.IPv4Interface  # its address and netmask
+    broadcast: str  # its directed broadcast; "" on loopback and point-to-point links
+
+
+def interfaces() -> List[Interface]:
+    """Every up IPv4 interface, asked of the interfaces themselves (no default
+    route needed). Empty where the system or the ioctls are unknown."""
     requests = _IOCTLS.get("darwin" if sys.platform == "darwin" else sys.platform)
     if requests is None or not hasattr(socket, "if_nameindex"):
         return []
     import fcntl  # Unix only: imported here so that util stays importable elsewhere
 
     get_flags, get_broadcast, get_address, get_netmask = requests
-    found: List[str] = []
+    found: List[Interface] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+
+        def ask(request: int, ifname: bytes) -> bytes:
+            return fcntl.ioctl(sock.fileno(), request, _IFREQ.pack(ifname, b""))
+
         for _, name in socket.if_nameindex():
             ifname = name.encode()[:15]
             try:
-                flags_raw = fcntl.ioctl(sock.fileno(), get_flags, _IFREQ.pack(ifname, b""))
-                flags = struct.unpack_from("H", flags_raw, 16)[0]
-                if not flags & _IFF_UP or not flags & _IFF_BROADCAST or flags & _IFF_LOOPBACK:
+                flags = struct.unpack_from("H", ask(get_flags, ifname), 16)[0]
+                if not flags & _IFF_UP:
                     continue
-                raw = fcntl.ioctl(sock.fileno(), get_broadcast, _IFREQ.pack(ifname, b""))
-                if raw[20:24] == bytes(4):
-                    # `ip addr add 10.0.0.2/24 dev eth0` sets no broadcast address, yet the
-                    # kernel routes the subnet's: derive it from the address and netmask.
-                    own = fcntl.ioctl(sock.fileno(), get_address, _IFREQ.pack(ifname, b""))
-                    mask = fcntl.ioctl(sock.fileno(), get_netmask, _IFREQ.pack(ifname, b""))
-                    raw = raw[:20] + bytes(a | (~m & 0xFF) for a, m in zip(own[20:24], mask[20:24])) + raw[24:]
+                address = socket.inet_ntoa(ask(get_address, ifname)[20:24])  # sockaddr_in's address
+                netmask = socket.inet_ntoa(ask(get_netmask, ifname)[20:24])
+                broadcast = ""
+                if flags & _IFF_BROADCAST and not flags & _IFF_LOOPBACK:
+                    broadcast = socket.inet_ntoa(ask(get_broadcast, ifname)[20:24])
             except OSError:  # no IPv4 address on it, or it went away meanwhile
                 continue
-            address = socket.inet_ntoa(raw[20:24])  # sockaddr_in: family, port, address
-            if address != "0.0.0.0" and address not in found:
-                found.append(address)
+            network = ipaddress.IPv4Interface(f"{address}/{netmask}")
+            if broadcast == "0.0.0.0":
+                # `ip addr add 10.0.0.2/24 dev eth0` sets no broadcast address, yet the
+                # kernel routes the subnet's: derive it from the address and netmask.
+                broadcast = str(network.network.broadcast_address)
+            found.append(Interface(name, network, broadcast))
     return found
+
+
+def interface_broadcasts() -> List[str]:
+    """The directed broadcast address of every up, non-loopback IPv4
+    interface; empty where unknown (the caller then uses 255.255.255.255)."""
+    found: List[str] = []
+    for interface in interfaces():
+        if interface.broadcast and interface.broadcast not in found:
+            found.append(interface.broadcast)
+    return found
+
+
+def local_networks() -> List[ipaddress.IPv4Network]:
+    """The networks this machine is directly on, loopback included."""
+    return [interface.network.network for interface in interfaces()]
 
 
 # --- Clock, logging, formatting ---------------------------------------------------
