@@ -335,7 +335,11 @@ def _check_nonce(nonce: str) -> str:
 
 def _parse_json_object(payload: bytes, what: str) -> Dict[str, Any]:
     try:
-        obj = json.loads(payload)
+        # Bytes that are not UTF-8 become lone surrogates, so that inside a
+        # string they are refused by the check of that field (a name is then
+        # `bad-name`, as when the sender escaped a surrogate) and elsewhere
+        # they are not JSON.
+        obj = json.loads(bytes(payload).decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nesting
         raise RemoteProtocolError("bad-json", f"{what} is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):
@@ -671,5 +675,19 @@ def decode_request(line: bytes) -> Request:
 
 
 def encode_line(obj: Dict[str, Any]) -> bytes:
-    """One JSON object as one line (§6). Non-ASCII stays UTF-8; controls escape."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    """One JSON object as one line (§6). Printable non-ASCII stays UTF-8; every
+    other character (controls, C1 controls such as U+009B, DEL, format characters
+    such as U+202E, lone surrogates) is escaped as \\uXXXX, so that a line shown
+    on a terminal as it is cannot drive that terminal."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if not text.isprintable():  # outside strings JSON is printable ASCII: only string contents change
+        text = "".join(c if c.isprintable() else _json_escape(c) for c in text)
+    return text.encode("utf-8") + b"\n"
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
