@@ -458,7 +458,7 @@ class PeerConn(Conn):
             self.on_failed(code, message)
 
     def on_failed(self, code: str, message: str) -> None:
-        log.warning("peer %s: %s: %s", self.address, code, message)
+        log.warning("peer %s: %s: %s", self.address, code, printable(message))
         self.daemon.publish({"event": "error", "peer": self.address, "code": code, "message": message})
 
     def on_closed(self) -> None:
@@ -511,6 +511,7 @@ class InboundPeer(PeerConn):
         self.awaiting_decision = False
         self.entries_done = 0
         self.files_saved = 0
+        self.first_failure: Optional[Tuple[str, str]] = None  # (code, message) of the first failed entry
         self.tops: Dict[str, str] = {}  # top folder as sent -> as saved
         self.temp_path = ""
         self.temp_fd = -1
@@ -665,17 +666,23 @@ class InboundPeer(PeerConn):
 
     def entry_failed(self, index: int, code: str, message: str) -> None:
         self.entries_done += 1
-        log.warning("from %s: %s: %s", self.address, code, message)
+        if self.first_failure is None:
+            self.first_failure = (code, message)
+        log.warning("from %s: %s: %s", self.address, code, printable(message))
         self.daemon.publish(dict(self.describe(), event="file-failed", code=code, message=message))
         self.send(proto.encode_frame(proto.Failed(index, code, proto.clip_text(message))))
         self.maybe_complete()
 
     def maybe_complete(self) -> None:
         if self.offer is not None and self.entries_done == self.offer.entries and self.result is None:
-            self.result = ("ok", "")
+            self.result = self.first_failure or ("ok", "")
             self.current = ""
-            self.daemon.publish(dict(self.describe(), event="transfer-done", entries=self.offer.entries,
-                                     files=self.files_saved))
+            summary = dict(self.describe(), entries=self.offer.entries, files=self.files_saved)
+            if self.first_failure is None:
+                self.daemon.publish(dict(summary, event="transfer-done"))
+            else:  # as the sender reports it: the batch failed, with its first reason
+                code, message = self.first_failure
+                self.daemon.publish(dict(summary, event="transfer-failed", code=code, message=message))
             self.daemon.transfers.pop(self.id, None)
 
     def on_eof(self) -> None:
@@ -695,7 +702,7 @@ class InboundPeer(PeerConn):
     def on_failed(self, code: str, message: str) -> None:
         self.discard_temp()
         if self.id:
-            log.warning("transfer %s from %s failed: %s: %s", self.id, self.address, code, message)
+            log.warning("transfer %s from %s failed: %s: %s", self.id, self.address, code, printable(message))
             self.daemon.publish(dict(self.describe(), event="transfer-failed", code=code, message=message))
         else:
             super().on_failed(code, message)
@@ -986,8 +993,19 @@ class OutboundPeer(PeerConn):
         client, self.client = self.client, None
         if client is not None and not client.closed:
             client.fail(code, message)
-        if not self.id:
-            log.info("to %s: %s: %s", self.address, code, message)
+        if self.id:
+            log.warning("transfer %s to %s failed: %s: %s", self.id, self.address, code, printable(message))
+        else:
+            log.info("to %s: %s: %s", self.address, code, printable(message))
+
+    def abort(self, code: str, message: str) -> None:
+        if self.entry is not None and self.sent < self.entry.size and not self.closed:
+            # Mid-file an error frame would be read as file bytes (§4.3): just
+            # close; the receiver sees the file cut short (`truncated`).
+            self.end_failed(code, message)
+            self.close()
+            return
+        super().abort(code, message)
 
     def on_closed(self) -> None:
         super().on_closed()
