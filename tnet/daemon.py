@@ -256,14 +256,19 @@ class ClientConn(Conn):
             data = b""
         if not data:
             # A half-close (socat and nc do it at the end of their input) still
-            # wants its answer; a client that is really gone shows when a write
-            # to it fails, and that cancels its job.
+            # wants its answer. A client gone altogether (Ctrl-C) fails even a
+            # write of nothing: cancel its job now, not at a next write that a
+            # stalled transfer may never make.
+            if self.busy and not self.still_reading():
+                self.close()
+                return
             self.reading = False
             self.close_after_flush() if not self.busy else self.want_write(bool(self.out))
             return
         try:
             lines = self.decoder.feed(data)
         except proto.RemoteProtocolError as exc:
+            log.warning("command client dropped: %s", exc)
             self.fail(exc.code, exc.message)
             self.close_after_flush()
             return
@@ -304,6 +309,15 @@ class ClientConn(Conn):
     def close_after_flush(self) -> None:
         self.close_when_flushed = True
         self.flush()
+
+    def still_reading(self) -> bool:
+        """After EOF: did the client only shut its writing half? A write of
+        nothing fails (EPIPE) once it has closed altogether."""
+        try:
+            self.sock.send(b"")
+        except OSError:
+            return False
+        return True
 
     def on_overflow(self) -> None:
         log.warning("command client dropped: more than %d bytes behind", self.max_out)
@@ -1559,6 +1573,8 @@ class Daemon:
                 info = os.stat(path)
             except OSError as exc:
                 raise LocalError("file-error", f"{path}: {exc.strerror}") from None
+            except ValueError:  # a NUL, or a lone surrogate that no file name can hold
+                raise LocalError("file-error", f"{printable(path)}: not a possible file name") from None
             name = os.path.basename(os.path.normpath(path))
             if stat.S_ISREG(info.st_mode):
                 entries.append(Entry(path, (checked_name(name, path),), info.st_size))
