@@ -58,6 +58,7 @@ MAX_PENDING_ANSWERS = 64  # announce connections in flight, all requesters toget
 MAX_PEERS = 1024  # peers remembered by name; the oldest sighting is forgotten first
 NETWORKS_TTL_S = 5.0  # how long the list of directly connected networks is trusted
 LINGER_S = 2.0  # after an error frame, how long we wait for the peer to read it
+MAX_DRAIN_READS = 64  # reads of what a reset peer left queued, looking for its error frame
 PROGRESS_INTERVAL_S = 0.25  # progress events per transfer, at most four a second
 DEFAULT_DISCOVER_S = 1.0
 LISTEN_BACKLOG = 128
@@ -357,6 +358,7 @@ class PeerConn(Conn):
         self.id = ""  # set when this connection becomes a transfer
         self.lingering = False  # our error frame is out; waiting for the peer's EOF
         self.write_shut = False
+        self.draining = False  # reading the peer's last frames after a reset
         self.result: Optional[Tuple[str, str]] = None  # (code, message) once failed
         self.started = daemon.clock()
         self.total = 0
@@ -417,6 +419,17 @@ class PeerConn(Conn):
     def fail_io(self, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
         if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            if not self.draining:
+                # A peer that closes with our data unread resets the connection,
+                # but the frame saying why (§4.3) is queued ahead of the reset:
+                # read it first. Bounded: what is queued is finite.
+                self.draining = True
+                for _ in range(MAX_DRAIN_READS):
+                    if self.closed or self.result is not None:
+                        break
+                    self.on_readable()
+                if self.closed:
+                    return
             self.end_failed("peer-gone", f"{self.address} closed the connection ({reason})")
         else:
             self.end_failed("io-error", f"{self.address}: {reason}")
@@ -562,6 +575,11 @@ class InboundPeer(PeerConn):
             self.abort("refused", f"{daemon.config.host_name} does not take files from {self.address}")
             return
         daemon.learn_peer(event.name, self.address)
+        try:
+            daemon.ensure_folders()
+        except LocalError as exc:
+            self.abort(exc.code, f"on {daemon.config.host_name}: {exc.message}")
+            return
         shortfall = daemon.space_shortfall(event.size)
         if shortfall:
             self.abort("no-space", f"not enough space on {daemon.config.host_name}: {shortfall}")
@@ -594,6 +612,11 @@ class InboundPeer(PeerConn):
         if self.awaiting_decision:
             self.abort("declined", f"no one on {self.daemon.config.host_name} accepted within "
                                    f"{self.daemon.config.ask_timeout:g} s")
+            return
+        if not self.decoder.opened and not self.lingering:
+            self.end_failed("timeout", f"{self.address} did not open its exchange within "
+                                       f"{self.daemon.config.handshake_timeout:g} s")
+            self.close()
             return
         super().on_deadline()
 
@@ -1488,6 +1511,16 @@ class Daemon:
             self.networks = local_networks()
             self.networks_until = now + NETWORKS_TTL_S
         return self.networks
+
+    def ensure_folders(self) -> None:
+        """TEMP_DIR and FILE_SAVE_DIR exist (made again, as at start, if they
+        were removed meanwhile), or LocalError saying which and why."""
+        for var, code, folder in (("TEMP_DIR", "temp-failed", self.store.temp_dir),
+                                  ("FILE_SAVE_DIR", "save-failed", self.store.save_dir)):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise LocalError(code, f"{var}={folder}: cannot create it: {exc.strerror}") from None
 
     def space_shortfall(self, size: int) -> str:
         """'' if ``size`` bytes fit in TEMP_DIR and FILE_SAVE_DIR, else why not."""
