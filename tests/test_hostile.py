@@ -243,7 +243,9 @@ def test_terminal_escapes_from_peers_are_shown_escaped(net):
         wire.send(PRE + crafted.frame({"type": "message", "name": "x\x1b[31my", "text": "hi"}))
         assert wire.error().code == "bad-host-name"
         wire.close()
-        human = read_lines_until(watch.stdout, 3)  # "watching ...", the message, the error
+        human = [line for line in read_lines_until(watch.stdout, 2) if not line.startswith(b"watching ")]
+        if len(human) < 2:  # "watching ..." went to stdout too
+            human += read_lines_until(watch.stdout, 1)
         raw.settimeout(30)
         lines = b""
         while lines.count(b"\n") < 2:
@@ -256,8 +258,8 @@ def test_terminal_escapes_from_peers_are_shown_escaped(net):
     for byte in (b"\x1b", b"\x07", b"\r", b"\xc2\x9b", "\u202e".encode()):
         assert byte not in text, human
         assert byte not in lines, lines
-    assert b"\\x1b]0;owned\\x07" in human[1] and b"mallory" in human[1]
-    assert b"bad-host-name" in human[2] and b"\\x1b[31m" in human[2]
+    assert b"\\x1b]0;owned\\x07" in human[0] and b"mallory" in human[0]
+    assert b"bad-host-name" in human[1] and b"\\x1b[31m" in human[1]
     message, error = (json.loads(line) for line in lines.splitlines()[:2])
     assert message["text"] == evil  # escaped in JSON, intact once decoded
     assert error["event"] == "error" and error["code"] == "bad-host-name"
