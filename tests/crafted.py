@@ -144,6 +144,7 @@ class Receiver:
         wire = Wire(sock, "acceptor")
         wire.send(proto.PREFACE)
         event = wire.wait_for(proto.Offer)
+        wire.decoder.accept_offer()  # entries are legal only once we have accepted
         wire.send(frame({"type": "accept", "name": "slowpoke"}))
         return wire, event
 
