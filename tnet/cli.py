@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from . import __version__
+from .protocol import encode_line
 from .util import (
     ConfigError,
     command_socket_path,
@@ -155,7 +156,8 @@ def run_simple(env: Dict[str, str], cmd: str, **args: Any) -> Dict[str, Any]:
 
 
 def print_json(obj: Any, out: TextIO) -> None:
-    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    """One JSON line; unprintable characters escaped, as on the daemon's sockets."""
+    out.write(encode_line(obj).decode("utf-8"))
     out.flush()
 
 

@@ -674,7 +674,7 @@ def decode_request(line: bytes) -> Request:
     return Request(cmd=cmd, args=obj)
 
 
-def encode_line(obj: Dict[str, Any]) -> bytes:
+def encode_line(obj: Any) -> bytes:
     """One JSON object as one line (§6). Printable non-ASCII stays UTF-8; every
     other character (controls, C1 controls such as U+009B, DEL, format characters
     such as U+202E, lone surrogates) is escaped as \\uXXXX, so that a line shown
