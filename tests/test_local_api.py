@@ -11,10 +11,10 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 import crafted
+import pytest
 from conftest import next_address, read_answers, wait_until
+
 from tnet import daemon as tnet_daemon
 from tnet import protocol as proto
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import crafted
+import pytest
 from conftest import next_address, random_file, wait_until
+
 from tnet import protocol as proto
 
 CRAFTED = str(Path(crafted.__file__).resolve())
