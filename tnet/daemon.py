@@ -367,6 +367,7 @@ class PeerConn(Conn):
         self.current_size = 0
         self.current_from = 0  # bytes_done when the file in flight started
         self.progress_at = -math.inf
+        self.batching = False  # inside on_readable's event loop: send() only queues
         daemon.peer_count += 1
 
     def label(self) -> str:
@@ -394,12 +395,33 @@ class PeerConn(Conn):
             self.abort(exc.code, exc.message)
             return
         self.touch()
-        for event in events:
-            if self.closed or self.lingering:
-                return
-            self.on_event(event)
+        self.batching = True  # answers to these events leave in one write, below
+        try:
+            for event in events:
+                if self.closed or self.lingering:
+                    return
+                self.on_event(event)
+        finally:
+            self.batching = False
+        if self.out and not self.closed:
+            self.flush()
         if not n and not self.closed:
             self.on_eof()
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; write it now unless a received batch is being
+        handled, whose answers (a ``done`` per small file) go out together."""
+        if self.batching:
+            self.out += data
+        else:
+            super().send(data)
+
+    def close(self) -> None:
+        if self.batching:  # a handler closed us: what the batch queued goes first
+            self.batching = False
+            if not self.closed:
+                self.flush()
+        super().close()
 
     def touch(self) -> None:
         """The peer is alive: push the idle deadline back. Until it has opened
