@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -324,6 +325,13 @@ def iperf3_rate(a: Host, b: Host, size: int) -> float:
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8
 
 
+def cpu_used(daemons: List[TnetDaemon]) -> float:
+    """CPU seconds used so far by the daemons and by every child we waited for
+    (socat, nc, iperf3, the CLI): both ends of a transfer together."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime + sum(d.cpu_seconds() for d in daemons)
+
+
 # --- Sections -------------------------------------------------------------------------
 
 
@@ -339,11 +347,15 @@ def bench_transfer(res: Dict[str, Any], mode: str, a: TnetDaemon, b: TnetDaemon,
         "iperf3": lambda: iperf3_rate(ha, hb, size),
     }
     rates: Dict[str, List[float]] = {name: [] for name in tools}
+    cpu: Dict[str, List[float]] = {name: [] for name in tools}
     for rep in range(reps):
         for name, measure in tools.items():
+            before = cpu_used([a, b])
             rates[name].append(measure() / 1e6)
+            cpu[name].append((cpu_used([a, b]) - before) * GiB / size)
         log(f"  {mode} rep {rep + 1}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()) + " MB/s")
-    res[f"transfer_{mode}"] = {"bytes": size, "MB_per_s": {n: median_range(r) for n, r in rates.items()}}
+    res[f"transfer_{mode}"] = {"bytes": size, "MB_per_s": {n: median_range(r) for n, r in rates.items()},
+                               "cpu_s_per_GiB": {n: median_range(c) for n, c in cpu.items()}}
 
 
 def bench_rss(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, files: List[Path]) -> None:
@@ -458,7 +470,7 @@ def table(res: Dict[str, Any]) -> str:
     rows = [("figure", "tnet median (min–max)", "reference", "ref median (min–max)", "ratio", "target", "met")]
 
     def row(figure: str, tnet: str, ref: str, refval: str, ratio: float, target: str, met: bool) -> None:
-        rows.append((figure, tnet, ref, refval, f"{ratio:.2f}", target, "yes" if met else "NO"))
+        rows.append((figure, tnet, ref, refval, f"{ratio:.2f}", target, ("yes" if met else "NO") if target else ""))
 
     for mode in ("veth", "loopback"):
         t = res.get(f"transfer_{mode}")
@@ -475,6 +487,10 @@ def table(res: Dict[str, Any]) -> str:
             elif ref == "iperf3" and mode == "veth":
                 target, met = "≥ 0.45", ratio >= 0.45
             row(f"{size} {mode}, MB/s", fmt(r["tnet"]), ref, fmt(r[ref]), ratio, target, met)
+        c = t["cpu_s_per_GiB"]
+        for ref in ("socat -u", "socat -u -b 262144"):
+            row(f"{size} {mode}, CPU s per GiB, both ends", fmt(c["tnet"], digits=2), ref, fmt(c[ref], digits=2),
+                c["tnet"]["median"] / c[ref]["median"], "", True)
     if "rss" in res:
         for size, m in res["rss"].items():
             peak = max(m["sender_MiB"], m["receiver_MiB"])
