@@ -494,8 +494,8 @@ def table(res: Dict[str, Any]) -> str:
     if "rss" in res:
         for size, m in res["rss"].items():
             peak = max(m["sender_MiB"], m["receiver_MiB"])
-            row(f"{int(size) / GiB:g} GiB, peak RSS MiB (send/recv)", f"{m['sender_MiB']:.1f} / {m['receiver_MiB']:.1f}",
-                "limit", "48", peak / 48, "< 1", peak < 48)
+            row(f"{int(size) / GiB:g} GiB, peak RSS MiB (send/recv)",
+                f"{m['sender_MiB']:.1f} / {m['receiver_MiB']:.1f}", "limit", "48", peak / 48, "< 1", peak < 48)
     if "small_files" in res:
         s = res["small_files"]["seconds"]
         ratio = s["tnet"]["median"] / s["tar|socat|tar"]["median"]
