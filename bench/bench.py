@@ -527,6 +527,7 @@ def table(res: Dict[str, Any]) -> str:
         row("`tnet status`, ms", fmt(s["tnet_status_s"], 1000), "python -c pass", fmt(s["python_start_s"], 1000),
             s["tnet_status_s"]["median"] / s["python_start_s"]["median"], "< 150 ms",
             s["tnet_status_s"]["median"] < 0.150)
+    rows = [tuple(cell.replace("|", "\\|") for cell in r) for r in rows]  # a Markdown table
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
