@@ -43,7 +43,7 @@ BRIDGE_NET = "10.232.0"  # the discovery bridge: .1 .. .20
 LOOP_A, LOOP_B = "127.231.0.2", "127.231.0.3"  # outside the 127.1-200.x.x the tests use
 LOOP_BROADCAST = "127.255.255.255"
 SECTIONS = ("transfer", "rss", "small", "concurrent", "discovery", "idle", "status")
-TOOLS = ("apt-get", "socat", "nc", "iperf3", "ip", "ss", "tar")
+TOOL_TIMEOUT_S = 300  # one run of any tool; a hang ends the bench instead of stalling it
 
 
 def log(text: str) -> None:
@@ -146,7 +146,7 @@ class TnetDaemon:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """The CLI talks to the daemon over its UNIX socket: no namespace needed."""
         return subprocess.run([PYTHON, "-m", "tnet", *args], env=self.env, capture_output=True, text=True,
-                              check=check, cwd=self.dir)
+                              check=check, cwd=self.dir, timeout=TOOL_TIMEOUT_S)
 
     def clean_downloads(self) -> None:
         shutil.rmtree(self.downloads, ignore_errors=True)
@@ -284,16 +284,18 @@ def piped(a: Host, b: Host, send: str, receive: str, dest: Path) -> float:
     dest.mkdir(parents=True)
     port = free_port(b.address)
     server = b.sh(receive.format(addr=b.address, port=port, dest=dest))
+    client: Optional[subprocess.Popen] = None
     try:
         b.wait_listening(port)
         start = time.monotonic()
         client = a.sh(send.format(addr=b.address, port=port, dest=dest))
-        if server.wait(600) or client.wait(60):
-            raise RuntimeError(f"{send} | {receive} failed: {server.stderr.read() if server.stderr else ''}")
+        if client.wait(TOOL_TIMEOUT_S) or server.wait(TOOL_TIMEOUT_S):
+            raise RuntimeError(f"{send} | {receive} failed: {server.stderr.read() if server.stderr else ''}"
+                               f"{client.stderr.read() if client.stderr else ''}")
         seconds = time.monotonic() - start
     finally:
-        for p in (server,):
-            if p.poll() is None:
+        for p in (server, client):
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
     shutil.rmtree(dest, ignore_errors=True)
@@ -316,7 +318,8 @@ def iperf3_rate(a: Host, b: Host, size: int) -> float:
                      stderr=subprocess.DEVNULL)
     try:
         b.wait_listening(port)
-        out = run(a.argv(["iperf3", "-c", b.address, "-p", str(port), "-n", str(size), "-J"])).stdout
+        out = run(a.argv(["iperf3", "-c", b.address, "-p", str(port), "-n", str(size), "-J"]),
+                  timeout=TOOL_TIMEOUT_S).stdout
         server.wait(30)
     finally:
         if server.poll() is None:
@@ -395,6 +398,10 @@ def bench_concurrent(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, files: L
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=a.dir) for f in files]
         ends: Dict[int, float] = {}
         while len(ends) < len(procs):
+            if time.monotonic() - start > TOOL_TIMEOUT_S:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError("concurrent sends did not finish")
             for i, p in enumerate(procs):
                 if i not in ends and p.poll() is not None:
                     if p.returncode:
