@@ -367,6 +367,7 @@ class PeerConn(Conn):
         self.current_size = 0
         self.current_from = 0  # bytes_done when the file in flight started
         self.progress_at = -math.inf
+        self.batching = False  # inside on_readable's event loop: send() only queues
         daemon.peer_count += 1
 
     def label(self) -> str:
@@ -394,12 +395,33 @@ class PeerConn(Conn):
             self.abort(exc.code, exc.message)
             return
         self.touch()
-        for event in events:
-            if self.closed or self.lingering:
-                return
-            self.on_event(event)
+        self.batching = True  # answers to these events leave in one write, below
+        try:
+            for event in events:
+                if self.closed or self.lingering:
+                    return
+                self.on_event(event)
+        finally:
+            self.batching = False
+        if self.out and not self.closed:
+            self.flush()
         if not n and not self.closed:
             self.on_eof()
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; write it now unless a received batch is being
+        handled, whose answers (a ``done`` per small file) go out together."""
+        if self.batching:
+            self.out += data
+        else:
+            super().send(data)
+
+    def close(self) -> None:
+        if self.batching:  # a handler closed us: what the batch queued goes first
+            self.batching = False
+            if not self.closed:
+                self.flush()
+        super().close()
 
     def touch(self) -> None:
         """The peer is alive: push the idle deadline back. Until it has opened
@@ -765,8 +787,7 @@ class OutboundPeer(PeerConn):
         self.next_entry = 0
         self.results: Dict[int, Dict[str, Any]] = {}
         self.streaming = False
-        self.file_fd = -1  # sendfile source
-        self.hash_file: Any = None  # a second handle, read sequentially for the hash
+        self.file_fd = -1  # sendfile source (at explicit offsets); read in order for the hash
         self.hasher: Any = None
         self.entry: Optional[Entry] = None
         self.sent = 0  # bytes of the current file on the wire
@@ -946,7 +967,6 @@ class OutboundPeer(PeerConn):
             return 64
         try:
             self.file_fd = os.open(entry.path, os.O_RDONLY)
-            self.hash_file = os.fdopen(os.dup(self.file_fd), "rb", buffering=0)
             self.stat = os.fstat(self.file_fd)
         except OSError as exc:
             self.close_file()
@@ -958,7 +978,7 @@ class OutboundPeer(PeerConn):
         self.entry, self.sent, self.hasher = entry, 0, hashlib.sha256()
         self.out += proto.encode_frame(proto.FileHeader(index, entry.parts, entry.size))
         if entry.size <= INLINE_FILE_BYTES:  # stream_step finishes it at once
-            self.out += self.read_for_hash(entry.size)
+            self.read_for_hash(entry.size, self.out)
             self.sent = entry.size
             self.bytes_done += entry.size
             return 64 + entry.size
@@ -980,9 +1000,9 @@ class OutboundPeer(PeerConn):
                 return 0
             self.read_for_hash(sent)
         else:
-            data = self.read_for_hash(count)
-            self.out += data  # hashed and read: it must go, with the next flush
-            sent = len(data)
+            before = len(self.out)
+            self.read_for_hash(count, self.out)  # hashed and read: it must go, with the next flush
+            sent = len(self.out) - before
         if sent == 0 and count:
             raise LocalError("file-changed", f"{entry.path} shrank while being sent")
         self.sent += sent
@@ -990,15 +1010,22 @@ class OutboundPeer(PeerConn):
         self.report_progress(self.client, self.daemon.config.report_progress_out)
         return sent
 
-    def read_for_hash(self, count: int) -> bytes:
-        """Read the next ``count`` bytes of the file and hash them. Reading after
-        sendfile costs a copy from the page cache but keeps one pass of hashing
-        per side (§4.2)."""
-        data = self.hash_file.read(count)
-        if len(data) != count:
-            raise LocalError("file-changed", f"{self.current} shrank while being sent")
-        self.hasher.update(data)
-        return data
+    def read_for_hash(self, count: int, copy_to: Optional[bytearray] = None) -> None:
+        """Hash the next ``count`` bytes of the file (and append them to
+        ``copy_to``). Reading after sendfile costs a copy from the page cache
+        but keeps one pass of hashing per side (§4.2); the reads go into the
+        daemon's one receive buffer, so no chunk is ever allocated. sendfile
+        takes explicit offsets, so the descriptor's own position is the
+        hash's."""
+        view = self.daemon.recv_view
+        while count:
+            n = os.readv(self.file_fd, [view[:min(count, len(view))]])
+            if n == 0:
+                raise LocalError("file-changed", f"{self.current} shrank while being sent")
+            self.hasher.update(view[:n])
+            if copy_to is not None:
+                copy_to += view[:n]
+            count -= n
 
     def finish_entry(self) -> None:
         entry = self.entry
@@ -1018,9 +1045,6 @@ class OutboundPeer(PeerConn):
         if self.file_fd >= 0:
             os.close(self.file_fd)
             self.file_fd = -1
-        if self.hash_file is not None:
-            self.hash_file.close()
-            self.hash_file = None
 
     def on_failed(self, code: str, message: str) -> None:
         self.streaming = False
@@ -1235,6 +1259,8 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.timers = Timers()
         self.store = Store(config.save_dir, config.temp_dir)
+        # One buffer for every read: from peer sockets, and of files being hashed.
+        # Whatever reads into it is done with it before the loop moves on.
         self.recv_buf = bytearray(RECV_BYTES)
         self.recv_view = memoryview(self.recv_buf)
         self.subscribers: set = set()
