@@ -1,9 +1,15 @@
 """tnet: move files and short messages between machines on one local network.
 
-A daemon per machine (``tnet.daemon``) speaks the wire protocol of
-``tnet.protocol`` with its peers; the CLI (``tnet.cli``) drives the local
-daemon through two UNIX sockets; ``tnet.util`` holds configuration and small
-helpers. docs/PROTOCOL.md describes the bytes.
+Four main modules: ``protocol`` (the wire format and the local JSON API,
+bytes to events and back, no I/O), ``daemon`` (the loop, its four sockets and
+the local commands), ``cli`` (the ``tnet`` command) and ``util``
+(configuration and small helpers). The daemon outgrew one evening's read, so
+three of its responsibilities have modules of their own: ``loop`` (a
+connection's socket, buffer and deadline; the timer heap), ``peers`` (the
+two ends of an exchange between daemons) and ``store`` (placing verified
+files in the downloads folder). Imports run one way: cli -> protocol, util;
+daemon -> peers -> store, loop, protocol, util. docs/PROTOCOL.md describes
+the bytes.
 """
 
 __version__ = "0.1.0"
