@@ -6,6 +6,7 @@ synchronise."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -186,6 +187,19 @@ class Daemon:
             env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tnet", *args], env=dict(self.env, **(env or {})),
                               input=input, capture_output=True, text=True, timeout=timeout, cwd=self.dir)
+
+    @contextlib.contextmanager
+    def watching(self, *args: str, **popen: Any) -> Iterator[subprocess.Popen]:
+        """`tnet watch ARGS` running and subscribed; stopped on the way out."""
+        before = self.request("status")[-1]["subscribers"]
+        popen = dict({"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "text": True}, **popen)
+        watch = subprocess.Popen(self.cli_args("watch", *args), env=self.env, **popen)
+        try:
+            wait_until(lambda: self.request("status")[-1]["subscribers"] > before, what="watch to subscribe")
+            yield watch
+        finally:
+            watch.terminate()
+            watch.wait()
 
     def events(self) -> EventReader:
         reader = EventReader(self.event_socket)

@@ -186,18 +186,12 @@ def test_watch_exec_survives_a_nul_in_a_message(net, tmp_path):
     a, b = net.daemon("alpha"), net.daemon("bravo")
     got = tmp_path / "got.txt"
     hook = f'{sys.executable} -c "import os; open({str(got)!r}, \'a\').write(os.environ[\'TNET_TEXT\'] + chr(10))"'
-    watch = subprocess.Popen(b.cli_args("watch", "--exec", hook), env=b.env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: b.request("status")[-1]["subscribers"] == 1, what="watch to connect")
+    with b.watching("--exec", hook, stdout=subprocess.DEVNULL) as watch:
         assert a.request("message", peer=b.address, text="hi\x00there")[-1]["ok"]
         assert a.cli("message", b.address, "second").returncode == 0
         wait_until(lambda: got.exists() and got.read_text().count("\n") == 2, what="both hooks")
         assert got.read_text() == "hi\\0there\nsecond\n"
         assert watch.poll() is None
-    finally:
-        watch.terminate()
-        watch.wait()
 
 
 def test_discovery_is_answered_over_tcp_never_udp(net):

@@ -429,10 +429,7 @@ def test_ask_mode_accepted(net, tmp_path):
 
 def test_ask_mode_declined(net, tmp_path):
     a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
-    watch = subprocess.Popen(b.cli_args("watch"), env=b.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    try:
-        wait_until(lambda: subscribers(b) == 1, what="watch to subscribe")
+    with b.watching() as watch:
         f = tmp_path / "no.txt"
         f.write_text("unwanted")
         send = subprocess.Popen(a.cli_args("send", "bravo", str(f)), env=a.env, stdout=subprocess.PIPE,
@@ -446,9 +443,6 @@ def test_ask_mode_declined(net, tmp_path):
         assert send.returncode == cli.EXIT_REFUSED, err
         assert "declined" in err and "bravo" in err
         assert "transfer-failed" in watch.stdout.readline()
-    finally:
-        watch.terminate()
-        watch.wait()
     assert os.listdir(b.downloads) == [] and b.temp_files() == []
 
 
@@ -510,18 +504,12 @@ def test_watch_exec_runs_once_per_event_with_the_event_on_stdin_and_in_the_envir
     a, b = net.daemon("alpha"), net.daemon("bravo")
     log = tmp_path / "hook.log"
     hook = f'{{ cat; printf "%s|%s|%s\\n" "$TNET_EVENT" "$TNET_NAME" "$TNET_TEXT"; }} >> "{log}"'
-    watch = subprocess.Popen(b.cli_args("watch", "--json", "--exec", hook), env=b.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: subscribers(b) == 1, what="watch to subscribe")
+    with b.watching("--json", "--exec", hook):
         for n in range(3):
             assert a.cli("message", "bravo", f"note {n}").returncode == 0
         wait_until(lambda: log.exists() and log.read_text().count("\n") >= 6, what="three hook runs")
         assert a.cli("message", "bravo", "last").returncode == 0
         wait_until(lambda: log.read_text().count("\n") >= 8, what="the fourth hook run")
-    finally:
-        watch.terminate()
-        watch.wait()
     lines = log.read_text().splitlines()
     assert len(lines) == 8  # once per event: a JSON line from stdin, then the environment
     for n, (stdin_line, env_line) in enumerate(zip(lines[::2], lines[1::2])):

@@ -45,16 +45,11 @@ def test_files_arrive_identical_and_names_are_never_reused(net, tmp_path):
 
 def test_message_reaches_the_peers_watchers(net):
     a, b = net.daemon("alpha"), net.daemon("bravo")
-    watch = subprocess.Popen(b.cli_args("watch", "--json"), env=b.env, stdout=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: b.request("status")[-1]["subscribers"] == 1, what="watch to connect")
+    with b.watching("--json") as watch:
         out = a.cli("message", b.address, "hello, wörld\n\x1b[31m")
         assert out.returncode == 0, out.stderr
         event = json.loads(watch.stdout.readline())
         assert event == {"event": "message", "peer": a.address, "name": "alpha", "text": "hello, wörld\n\x1b[31m"}
-    finally:
-        watch.terminate()
-        watch.wait()
 
 
 def test_sending_to_a_peer_without_daemon_fails_fast(net, tmp_path):

@@ -7,10 +7,9 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
 
 import pytest
-from conftest import random_file, wait_until
+from conftest import random_file
 from netns import make_lab
 
 lab = pytest.fixture(name="lab")(make_lab)
@@ -47,16 +46,11 @@ def test_three_hosts_discover_send_and_message(lab, tmp_path):
     assert sorted(os.listdir(b.downloads)) == ["big (1).bin", "big.bin", "empty.txt"]
     assert b.temp_files() == []
 
-    watch = subprocess.Popen(c.cli_args("watch", "--json"), env=c.env, stdout=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: c.request("status")[-1]["subscribers"] == 1, what="watch to connect")
+    with c.watching("--json") as watch:
         out = b.cli("message", "charlie", "over the bridge")
         assert out.returncode == 0, out.stderr
         event = json.loads(watch.stdout.readline())
         assert event == {"event": "message", "peer": b.address, "name": "bravo", "text": "over the bridge"}
-    finally:
-        watch.terminate()
-        watch.wait()
 
 
 def test_sending_where_no_daemon_listens_fails_fast(lab, tmp_path):
