@@ -283,6 +283,10 @@ class Daemon:
                 raise StartupError(f"{var}={path}: cannot create it: {exc.strerror}") from None
             if not os.access(path, os.W_OK | os.X_OK):
                 raise StartupError(f"{var}={path}: not a writable folder")
+        if os.stat(cfg.temp_dir).st_dev != os.stat(cfg.save_dir).st_dev:
+            log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
+                        "copied once more after it is verified, and the daemon waits for that copy; "
+                        "a TEMP_DIR beside FILE_SAVE_DIR saves both", cfg.temp_dir, cfg.save_dir)
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
