@@ -319,8 +319,13 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
     try:
         answer = show_send(request(env, "send", peer=args.peer, paths=paths), args, out, started)
     except KeyboardInterrupt:
-        if started.get("id"):  # the daemon goes on with a half-closed client; say stop
-            run_simple(env, "cancel", id=started["id"])
+        # Our connection is closed now, which cancels the transfer; say so
+        # explicitly too, for a daemon that has not noticed yet.
+        if started.get("id"):
+            try:
+                run_simple(env, "cancel", id=started["id"])
+            except CliError:
+                pass  # already gone: cancelled, as asked
         raise CliError("cancelled", EXIT_CANCELLED, "cancelled") from None
     final(answer, shown=args.json)
     return EXIT_OK

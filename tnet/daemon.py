@@ -23,6 +23,7 @@ never replaces an existing file (§4.2).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import logging
@@ -47,6 +48,8 @@ log = logging.getLogger("tnet")
 
 MAX_SUBSCRIBER_BUFFER_BYTES = 1024 * 1024  # a subscriber this far behind is dropped
 MAX_DATAGRAMS_PER_WAKE = 64  # then let other sockets have a turn
+ACCEPT_PAUSE_S = 1.0  # out of descriptors: how long a listener rests
+HALF_CLOSED_PROBE_S = 2.0  # how often a busy half-closed client is checked for being gone
 MAX_ANSWERS_PER_WINDOW = 2  # discovery answers per requester address per window
 ANSWER_WINDOW_S = 1.0
 MAX_PENDING_ANSWERS = 64  # announce connections in flight, all requesters together
@@ -76,13 +79,17 @@ class Subscriber(Conn):
 
     def on_readable(self) -> None:
         try:
-            data = self.sock.recv(4096)  # nothing is expected; EOF means gone
+            data = self.sock.recv(4096)  # what a subscriber writes is ignored (§6.2)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if not data:
-            self.close()
+        if not data:  # gone, or only done writing (`socat - ... < /dev/null`)
+            if self.still_reading():
+                self.reading = False
+                self.want_write(bool(self.out))
+            else:
+                self.close()
 
     def on_overflow(self) -> None:
         log.warning("events subscriber dropped: more than %d bytes behind", self.max_out)
@@ -119,7 +126,11 @@ class ClientConn(Conn):
                 self.close()
                 return
             self.reading = False
-            self.close_after_flush() if not self.busy else self.want_write(bool(self.out))
+            if self.busy:
+                self.want_write(bool(self.out))
+                self.set_deadline(self.daemon.clock() + HALF_CLOSED_PROBE_S)
+            else:
+                self.close_after_flush()
             return
         try:
             lines = self.decoder.feed(data)
@@ -166,14 +177,12 @@ class ClientConn(Conn):
         self.close_when_flushed = True
         self.flush()
 
-    def still_reading(self) -> bool:
-        """After EOF: did the client only shut its writing half? A write of
-        nothing fails (EPIPE) once it has closed altogether."""
-        try:
-            self.sock.send(b"")
-        except OSError:
-            return False
-        return True
+    def on_deadline(self) -> None:
+        """A busy client that half-closed: is it still there to read its answer?"""
+        if not self.still_reading():
+            self.close()  # and its job is cancelled
+        elif self.busy:
+            self.set_deadline(self.daemon.clock() + HALF_CLOSED_PROBE_S)
 
     def on_overflow(self) -> None:
         log.warning("command client dropped: more than %d bytes behind", self.max_out)
@@ -212,10 +221,16 @@ class Discovery:
         self.daemon: Optional[Daemon] = None
 
     def on_deadline(self) -> None:
-        self.closed = True
-        assert self.daemon is not None
-        self.daemon.discoveries.pop(self.nonce, None)
+        self.close()
         self.on_done(self.found)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.daemon is not None:
+            self.daemon.discoveries.pop(self.nonce, None)
+
+    def label(self) -> str:
+        return "discovery"
 
 
 # --- The daemon ---------------------------------------------------------------------
@@ -229,6 +244,22 @@ class Listener:
     def __init__(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
         self.sock = sock
         self.on_readable = on_readable
+        self.deadline = math.inf  # while paused: when to listen again
+        self.scheduled = math.inf
+        self.sel: Optional[selectors.BaseSelector] = None
+
+    def pause(self, timers: Timers, until: float) -> None:
+        """Out of descriptors: a readable listener we cannot accept from would
+        wake the loop at once, forever. Stop listening for a while."""
+        if self.sel is not None and self.deadline == math.inf:
+            self.sel.unregister(self.sock)
+            self.deadline = until
+            timers.schedule(self)
+
+    def on_deadline(self) -> None:
+        self.deadline = math.inf
+        if self.sel is not None:
+            self.sel.register(self.sock, selectors.EVENT_READ, self)
 
     def on_writable(self) -> None:
         pass
@@ -283,6 +314,7 @@ class Daemon:
                 raise StartupError(f"{var}={path}: cannot create it: {exc.strerror}") from None
             if not os.access(path, os.W_OK | os.X_OK):
                 raise StartupError(f"{var}={path}: not a writable folder")
+        ensure_descriptors(2 * cfg.max_connections + 64)  # a socket and a file each, and some
         if os.stat(cfg.temp_dir).st_dev != os.stat(cfg.save_dir).st_dev:
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
                         "copied once more after it is verified, and the daemon waits for that copy; "
@@ -313,6 +345,7 @@ class Daemon:
                                (command, self.on_command_accept), (events, self.on_event_accept)):
             sock.setblocking(False)
             listener = Listener(sock, callback)
+            listener.sel = self.sel
             self.listeners.append(listener)
             self.sel.register(sock, selectors.EVENT_READ, listener)
         log.info("tnet %s: %s on %s:%d, discovery on port %d to %s, saving to %s", __version__,
@@ -355,25 +388,29 @@ class Daemon:
     def stop(self) -> None:
         """Fail open transfers cleanly, tell peers, remove the socket files."""
         for key in list(self.sel.get_map().values()):
-            item = key.data
-            if isinstance(item, PeerConn) and not item.closed:
-                if item.id and item.result is None:
-                    item.abort("shutdown", f"{self.config.host_name} is shutting down")
-                item.close()
-            elif isinstance(item, ClientConn) and not item.closed:
-                if item.busy:
-                    item.fail("shutdown", "the daemon is shutting down")
-                    item.flush()
-                item.close()
+            self.guarded(key.data, functools.partial(self.say_goodbye, key.data))
         for subscriber in list(self.subscribers):
-            subscriber.flush()
+            self.guarded(subscriber, subscriber.flush)
             subscriber.close()
         for listener in self.listeners:
-            self.sel.unregister(listener.sock)
+            if listener.deadline == math.inf:  # a paused one is not registered
+                self.sel.unregister(listener.sock)
             listener.close()
         for path in self.socket_paths:
             remove_quietly(path)
         self.sel.close()
+
+    def say_goodbye(self, item: Any) -> None:
+        """At shutdown: tell a peer mid-transfer, or a client mid-request, why."""
+        if isinstance(item, PeerConn) and not item.closed:
+            if item.id and item.result is None:
+                item.abort("shutdown", f"{self.config.host_name} is shutting down")
+            item.close()
+        elif isinstance(item, ClientConn) and not item.closed:
+            if item.busy:
+                item.fail("shutdown", "the daemon is shutting down")
+                item.flush()
+            item.close()
 
     # -- the loop
 
@@ -404,19 +441,26 @@ class Daemon:
     def run_once(self) -> None:
         for key, mask in self.sel.select(self.timers.next_wait(self.clock())):
             item = key.data
+            if mask & selectors.EVENT_READ and not item.closed:
+                self.guarded(item, item.on_readable)
+            if mask & selectors.EVENT_WRITE and not item.closed:
+                self.guarded(item, item.on_writable)
+        for item in self.timers.pop_due(self.clock()):
+            self.guarded(item, item.on_deadline)
+
+    def guarded(self, item: Any, callback: Callable[[], None]) -> None:
+        """Run one callback; a bug costs the connection involved, not the daemon."""
+        try:
+            callback()
+        except Exception:
+            log.exception("internal error on %s; dropping it", item.label())
             try:
-                if mask & selectors.EVENT_READ and not item.closed:
-                    item.on_readable()
-                if mask & selectors.EVENT_WRITE and not item.closed:
-                    item.on_writable()
-            except Exception:  # last resort: a bug must cost one connection, not the daemon
-                log.exception("internal error on %s; dropping it", item.label())
                 if isinstance(item, PeerConn):
                     item.end_failed("internal-error", "internal error; see the daemon log")
                 if not isinstance(item, Listener):
                     item.close()
-        for item in self.timers.pop_due(self.clock()):
-            item.on_deadline()
+            except Exception:
+                log.exception("and again while dropping it")
 
     # -- listeners
 
@@ -451,7 +495,10 @@ class Daemon:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None, None
         except OSError as exc:  # EMFILE and friends: say so, keep serving the rest
-            log.error("accept failed: %s", exc.strerror)
+            log.error("accept failed: %s; not accepting for %g s", exc.strerror, ACCEPT_PAUSE_S)
+            for item in self.listeners:
+                if item.sock is listener:
+                    item.pause(self.timers, self.clock() + ACCEPT_PAUSE_S)
             return None, None
         sock.setblocking(False)
         return sock, addr
@@ -502,7 +549,12 @@ class Daemon:
 
     def answer(self, host: str, request: proto.DiscoveryRequest) -> None:
         if self.peer_count < self.config.max_connections:
-            OutboundPeer(self, host, proto.Announce(self.config.host_name, request.nonce)).connect(request.port)
+            try:
+                conn = OutboundPeer(self, host, proto.Announce(self.config.host_name, request.nonce))
+            except OSError as exc:  # out of descriptors: an answer is not worth more
+                log.info("cannot answer %s: %s", host, exc.strerror)
+                return
+            conn.connect(request.port)
 
     # -- shared services
 
@@ -661,6 +713,26 @@ class Daemon:
                 skipped.append(child.path)  # sockets, fifos, devices
 
 
+def ensure_descriptors(wanted: int) -> None:
+    """Raise the soft limit on open files towards ``wanted`` (up to the hard
+    limit); say so when MAX_CONNECTIONS cannot all be served."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (OSError, ValueError):
+        pass
+    if soft < wanted:
+        log.warning("only %d open files allowed; MAX_CONNECTIONS wants about %d", soft, wanted)
+
+
 def child_parts(parts: Tuple[str, ...], child: os.DirEntry) -> Tuple[str, ...]:
     """The wire path of a folder's child, checked as the receiver will (§4.2)."""
     if len(parts) >= proto.MAX_PATH_PARTS:
@@ -752,7 +824,11 @@ def open_peer(daemon: Daemon, client: ClientConn, address: str, first: Any,
     if daemon.peer_count >= daemon.config.max_connections:
         client.fail("busy", f"{daemon.peer_count} connections open (MAX_CONNECTIONS)")
         return
-    conn = OutboundPeer(daemon, address, first, client, entries)
+    try:
+        conn = OutboundPeer(daemon, address, first, client, entries)
+    except OSError as exc:  # no socket to be had (EMFILE): say so, not a traceback
+        client.fail("io-error", f"cannot open a connection: {exc.strerror}")
+        return
     if conn.id:
         client.reply({"event": "started", "id": conn.id, "peer": address, "files": len(conn.entries),
                       "bytes": conn.total})

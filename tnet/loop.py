@@ -41,6 +41,15 @@ class Conn:
     def label(self) -> str:
         return self.kind
 
+    def still_reading(self) -> bool:
+        """After EOF: did the other end only shut its writing half? A write of
+        nothing fails (EPIPE) once it has closed altogether."""
+        try:
+            self.sock.send(b"")
+        except OSError:
+            return False
+        return True
+
     def set_deadline(self, when: float) -> None:
         self.deadline = when
         self.daemon.timers.schedule(self)

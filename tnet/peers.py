@@ -543,7 +543,8 @@ class OutboundPeer(PeerConn):
                 return
             self.connected = True
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.touch()
+            # Connected: from now on the peer's silence is measured by IDLE_TIMEOUT.
+            self.set_deadline(self.daemon.clock() + self.daemon.config.idle_timeout)
             self.out += proto.encode_preface() + proto.encode_frame(self.first)
             if isinstance(self.first, proto.Announce):
                 self.linger()  # nothing to wait for but the requester's close
@@ -766,9 +767,11 @@ class OutboundPeer(PeerConn):
             log.info("to %s: %s: %s", self.address, code, printable(message))
 
     def abort(self, code: str, message: str) -> None:
-        if self.entry is not None and self.sent < self.entry.size and not self.closed:
-            # Mid-file an error frame would be read as file bytes (§4.3): just
-            # close; the receiver sees the file cut short (`truncated`).
+        unframed = not self.connected or (self.entry is not None and self.sent < self.entry.size)
+        if unframed and not self.closed:
+            # Before the preface, or mid-file, an error frame would be read as
+            # garbage or as file bytes (§4.3): just close; a receiver mid-file
+            # sees the file cut short (`truncated`).
             self.end_failed(code, message)
             self.close()
             return

@@ -11,6 +11,7 @@ nothing here replaces a file.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -18,6 +19,8 @@ import tempfile
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 from . import protocol as proto
+
+log = logging.getLogger("tnet")
 
 
 def write_all(fd: int, data: Any) -> None:
@@ -28,10 +31,14 @@ def write_all(fd: int, data: Any) -> None:
 
 
 def remove_quietly(path: str) -> None:
+    """Unlink ``path``; a missing file is the goal, any other failure is
+    logged: cleaning up must never take the daemon down."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
 
 
 class Store:
