@@ -16,6 +16,9 @@ import crafted
 from conftest import random_file, wait_until
 
 from tnet import protocol as proto
+from tnet.daemon import Daemon
+from tnet.peers import OutboundPeer
+from tnet.util import load_config
 
 
 def test_a_failing_cleanup_in_a_timeout_costs_one_transfer_not_the_daemon(net):
@@ -134,12 +137,16 @@ def test_a_sender_waits_idle_timeout_not_handshake_timeout_for_the_accept(net, t
 
 
 def test_cancelling_a_send_still_connecting_sends_nothing(net):
-    from tnet.daemon import Daemon
-    from tnet.peers import OutboundPeer
-    from tnet.util import load_config
-
     daemon = Daemon(load_config({"FILE_SAVE_DIR": str(net.root / "d"), "TEMP_DIR": str(net.root)}))
     conn = OutboundPeer(daemon, "127.0.0.1", proto.Offer("alpha", 0, 0))
     assert not conn.connected
     conn.abort("cancelled", "by the user")
     assert conn.closed and conn.out == bytearray() and conn.result == ("cancelled", "by the user")
+
+
+def test_a_connect_that_never_completes_is_unreachable(net):
+    daemon = Daemon(load_config({"FILE_SAVE_DIR": str(net.root / "d"), "TEMP_DIR": str(net.root),
+                                 "HANDSHAKE_TIMEOUT": "3"}))
+    conn = OutboundPeer(daemon, "127.0.0.1", proto.Offer("alpha", 0, 0))
+    conn.on_deadline()  # the handshake deadline, with no SYN-ACK ever seen
+    assert conn.closed and conn.result == ("unreachable", "cannot reach 127.0.0.1: no answer within 3 s")

@@ -535,6 +535,14 @@ class OutboundPeer(PeerConn):
         self.end_failed("unreachable", f"cannot reach {self.address}: {os.strerror(err)}")
         self.close()
 
+    def on_deadline(self) -> None:
+        if not self.connected:  # SYNs unanswered: no host there, or a firewall
+            self.end_failed("unreachable", f"cannot reach {self.address}: no answer within "
+                                           f"{self.daemon.config.handshake_timeout:g} s")
+            self.close()
+            return
+        super().on_deadline()
+
     def on_writable(self) -> None:
         if not self.connected:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
