@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
@@ -447,6 +446,8 @@ def run_hook(command: str, event: Dict[str, Any]) -> None:
         text = value if isinstance(value, str) else json.dumps(value)
         env["TNET_" + key.upper().replace("-", "_")] = text.replace("\0", "\\0")
     try:
+        import subprocess  # only --exec needs it: every other command starts faster without
+
         subprocess.run(command, shell=True, input=(line + "\n").encode(), env=env, check=False)
     except OSError as exc:
         print(f"tnet watch: --exec failed: {exc.strerror}", file=sys.stderr)

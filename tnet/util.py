@@ -45,7 +45,6 @@ import logging
 import socket
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Mapping, Tuple
@@ -73,7 +72,7 @@ class Config:
     report_progress_out: bool = False
     bind_address: str = "0.0.0.0"
     broadcast_addresses: Tuple[str, ...] = ()
-    temp_dir: str = field(default_factory=tempfile.gettempdir)
+    temp_dir: str = field(default_factory=lambda: system_temp_dir())
     host_name: str = field(default_factory=socket.gethostname)
     idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
@@ -159,6 +158,12 @@ def parse_choice(name: str, text: str, choices: Tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}={text!r}: one of {', '.join(choices)}")
     return value
+
+
+def system_temp_dir() -> str:
+    import tempfile  # only the daemon needs it: the CLI starts faster without
+
+    return tempfile.gettempdir()
 
 
 def command_socket_path(env: Mapping[str, str]) -> str:
