@@ -172,11 +172,16 @@ class Daemon:
         except OSError:
             return False
 
+    def command_connection(self, wait: float = 30.0) -> socket.socket:
+        """A raw connection to the command socket, for tests that speak the API by hand."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(wait)
+        sock.connect(self.command_socket)
+        return sock
+
     def request(self, cmd: str, wait: float = 60.0, **args: Any) -> List[Dict[str, Any]]:
         """One request on the command socket; every answer line."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(wait)
-            sock.connect(self.command_socket)
+        with self.command_connection(wait) as sock:
             sock.sendall(json.dumps(dict(args, cmd=cmd)).encode() + b"\n")
             return read_answers(sock)
 

@@ -170,9 +170,7 @@ def test_a_small_file_shorter_than_its_size_is_file_changed(net):
 
 def test_an_overlapping_request_is_refused_without_harming_the_first(net):
     a = net.daemon("alpha")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(a.command_socket)
+    with a.command_connection() as sock:
         sock.sendall(b'{"cmd":"discover","timeout":0.5}\n{"cmd":"status"}\n')
         first = read_answers(sock)
         assert first[-1] == {"ok": False, "code": "busy", "error": "one request at a time on a connection"}

@@ -130,9 +130,7 @@ def test_bad_configuration_names_the_variable(net):
 
 def test_one_request_per_line_and_errors_are_json(net):
     a = net.daemon("alpha")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(a.command_socket)
+    with a.command_connection() as sock:
         sock.sendall(b'{"cmd": "send", "peer": 5, "paths": []}\n')
         answer = read_answers(sock)[-1]
         assert answer["ok"] is False and answer["code"] == "bad-request"

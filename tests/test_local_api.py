@@ -54,16 +54,9 @@ BAD_REQUESTS = [
 ]
 
 
-def command(daemon) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(30)
-    sock.connect(daemon.command_socket)
-    return sock
-
-
 def test_bad_requests_get_a_json_error_and_the_connection_goes_on(net):
     a = net.daemon("alpha")
-    with command(a) as sock:
+    with a.command_connection() as sock:
         for line, code in BAD_REQUESTS:
             sock.sendall(line + b"\n")
             raw = b""
@@ -83,11 +76,11 @@ def test_bad_requests_get_a_json_error_and_the_connection_goes_on(net):
 def test_line_limit_at_n_and_n_plus_one_and_a_10_mib_line(net):
     a = net.daemon("alpha")
     request = b'{"cmd": "status"}'
-    with command(a) as sock:
+    with a.command_connection() as sock:
         sock.sendall(request + b" " * (proto.MAX_LINE_BYTES - len(request)) + b"\n")
         assert read_answers(sock)[-1]["ok"] is True
     for size in (proto.MAX_LINE_BYTES + 1, 10 * 1024 * 1024):
-        with command(a) as sock:
+        with a.command_connection() as sock:
             try:
                 sock.sendall(request + b" " * (size - len(request)))  # and no newline
             except (BrokenPipeError, ConnectionResetError):
@@ -108,7 +101,7 @@ def test_a_client_that_shuts_its_writing_half_still_gets_its_answer(net, tmp_pat
     f = tmp_path / "half.txt"
     f.write_bytes(b"half-closed\n")
     for request in ({"cmd": "send", "peer": b.address, "paths": [str(f)]}, {"cmd": "discover", "timeout": 0.5}):
-        with command(a) as sock:
+        with a.command_connection() as sock:
             sock.sendall(json.dumps(request).encode() + b"\n")
             sock.shutdown(socket.SHUT_WR)
             answers = read_answers(sock)
@@ -126,7 +119,7 @@ def test_a_client_gone_in_the_middle_of_a_send_cancels_it(net, tmp_path):
     with open(f, "wb") as out:
         out.truncate(64 * 1024 * 1024)
     try:
-        sock = command(a)
+        sock = a.command_connection()
         sock.sendall(json.dumps({"cmd": "send", "peer": receiver.listener.getsockname()[0],
                                  "paths": [str(f)]}).encode() + b"\n")
         wire, _ = receiver.take_offer()
