@@ -395,7 +395,7 @@ class InboundPeer(PeerConn):
 
     def _on_folder(self, event: proto.Folder) -> None:
         try:
-            self.daemon.store.make_folder(event.path, self.tops)
+            self.daemon.store.folder_for(event.path, self.tops)
         except OSError as exc:
             self.entry_failed(event.index, "save-failed", f"{'/'.join(event.path)}: {exc.strerror or exc}")
             return

@@ -108,9 +108,6 @@ class Store:
         remove_quietly(temp_path)
         return target
 
-    def make_folder(self, parts: Tuple[str, ...], tops: Dict[str, str]) -> str:
-        return self.folder_for(parts, tops)
-
     def folder_for(self, parts: Tuple[str, ...], tops: Dict[str, str]) -> str:
         """The folder for ``parts`` under FILE_SAVE_DIR, created as needed. The
         top folder of a batch is new (``DIR (1)`` if ``DIR`` exists); below it
