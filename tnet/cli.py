@@ -111,8 +111,10 @@ def connect(path: str, variable: str) -> socket.socket:
     return sock
 
 
-def read_lines(sock: socket.socket) -> Iterator[Dict[str, Any]]:
-    """JSON objects, one per line, until the daemon closes."""
+def read_lines(sock: socket.socket) -> Iterator[List[Dict[str, Any]]]:
+    """JSON objects, one per line, until the daemon closes; a list per read,
+    so that a caller writes out once per batch (2,000 small files sent make
+    a few dozen writes, not 2,000)."""
     buf = b""
     while True:
         chunk = sock.recv(65536)
@@ -120,19 +122,21 @@ def read_lines(sock: socket.socket) -> Iterator[Dict[str, Any]]:
             return
         buf += chunk
         *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
+        batch = [json.loads(line) for line in lines if line.strip()]
+        if batch:
+            yield batch
 
 
-def request(env: Dict[str, str], cmd: str, **args: Any) -> Iterator[Dict[str, Any]]:
-    """Send one request; yield every answer line, the final one (``ok``) last."""
+def request(env: Dict[str, str], cmd: str, **args: Any) -> Iterator[List[Dict[str, Any]]]:
+    """Send one request; yield its answers as they arrive, a batch at a
+    time, the final one (``ok``) last."""
     path = command_socket_path(env)
     with connect(path, "COMMAND_SOCKET") as sock:
         sock.sendall(json.dumps(dict(args, cmd=cmd)).encode() + b"\n")
-        for answer in read_lines(sock):
-            yield answer
-            if "ok" in answer:
+        for batch in read_lines(sock):
+            ends = [i for i, answer in enumerate(batch) if "ok" in answer]
+            yield batch[:ends[0] + 1] if ends else batch
+            if ends:
                 return
     raise CliError("the daemon closed the connection without an answer", EXIT_NO_DAEMON, "no-daemon")
 
@@ -148,7 +152,7 @@ def final(answer: Dict[str, Any], shown: bool = False) -> Dict[str, Any]:
 
 def run_simple(env: Dict[str, str], cmd: str, **args: Any) -> Dict[str, Any]:
     *_, last = request(env, cmd, **args)
-    return final(last)
+    return final(last[-1])
 
 
 # --- Output ----------------------------------------------------------------------
@@ -157,7 +161,6 @@ def run_simple(env: Dict[str, str], cmd: str, **args: Any) -> Dict[str, Any]:
 def print_json(obj: Any, out: TextIO) -> None:
     """One JSON line; unprintable characters escaped, as on the daemon's sockets."""
     out.write(encode_line(obj).decode("utf-8"))
-    out.flush()
 
 
 def columns(rows: List[List[str]], out: TextIO) -> None:
@@ -231,7 +234,6 @@ class Progress:
             self.out.write("\r\x1b[2K")
             self.live = False
         self.out.write(text + "\n")
-        self.out.flush()
 
 
 def shorten(name: str, room: int) -> str:
@@ -330,35 +332,37 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
     return EXIT_OK
 
 
-def show_send(answers: Iterator[Dict[str, Any]], args: argparse.Namespace, out: TextIO,
+def show_send(batches: Iterator[List[Dict[str, Any]]], args: argparse.Namespace, out: TextIO,
               started: Dict[str, Any]) -> Dict[str, Any]:
     """Print a send's answers as JSON Lines (all of them, as the daemon gives
     them) or for people; return the final one."""
     progress = Progress(out, out.isatty() and not args.json)
     files = folders = 0
     answer: Dict[str, Any] = {}
-    for answer in answers:
-        kind = answer.get("event")
-        if kind == "started":
-            started.update(answer)
-        if args.json:
-            print_json(answer, out)
-            continue
-        name = printable(str(answer.get("file", "")))
-        if kind == "started":
-            progress.line(f"sending {plural(answer['files'], 'item')} ({human_size(answer['bytes'])}) to "
-                          f"{printable(args.peer)}, transfer {answer['id']}")
-        elif kind == "progress":
-            progress.update(answer)
-        elif kind == "file-done" and answer.get("folder"):
-            folders += 1
-        elif kind == "file-done":
-            files += 1
-            progress.file_done(answer, f"sent {name} ({human_size(answer['size'])})")
-        elif kind == "file-failed":
-            progress.line(f"FAILED {name}: {answer['code']}: {printable(answer['error'])}")
-        elif kind == "skipped":
-            progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+    for batch in batches:
+        for answer in batch:
+            kind = answer.get("event")
+            if kind == "started":
+                started.update(answer)
+            if args.json:
+                print_json(answer, out)
+                continue
+            name = printable(str(answer.get("file", "")))
+            if kind == "started":
+                progress.line(f"sending {plural(answer['files'], 'item')} ({human_size(answer['bytes'])}) to "
+                              f"{printable(args.peer)}, transfer {answer['id']}")
+            elif kind == "progress":
+                progress.update(answer)
+            elif kind == "file-done" and answer.get("folder"):
+                folders += 1
+            elif kind == "file-done":
+                files += 1
+                progress.file_done(answer, f"sent {name} ({human_size(answer['size'])})")
+            elif kind == "file-failed":
+                progress.line(f"FAILED {name}: {answer['code']}: {printable(answer['error'])}")
+            elif kind == "skipped":
+                progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+        out.flush()  # once per batch received: a line per file, not a write per file
     if answer.get("ok") and not args.json:
         seconds = answer.get("seconds", 0)
         counted = plural(files, "file") + (f" and {plural(folders, 'folder')}" if folders else "")
@@ -460,17 +464,20 @@ def cmd_watch(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int
             print(f"watching {path} (Ctrl-C to stop)", file=sys.stderr)
         progress = Progress(out, out.isatty() and not args.json)
         try:
-            for event in read_lines(sock):
-                if args.json:
-                    print_json(event, out)
-                elif event.get("event") == "progress":
-                    progress.update(event)  # drawn on a terminal only; REPORT_PROGRESS_IN=1 sends them
-                elif event.get("event") == "file-done":
-                    progress.file_done(event, describe_event(event))
-                else:
-                    progress.line(describe_event(event))
-                if args.exec:
-                    run_hook(args.exec, event)
+            for batch in read_lines(sock):
+                for event in batch:
+                    if args.json:
+                        print_json(event, out)
+                    elif event.get("event") == "progress":
+                        progress.update(event)  # drawn on a terminal only; REPORT_PROGRESS_IN=1 sends them
+                    elif event.get("event") == "file-done":
+                        progress.file_done(event, describe_event(event))
+                    else:
+                        progress.line(describe_event(event))
+                    if args.exec:
+                        out.flush()  # our line before the hook's output
+                        run_hook(args.exec, event)
+                out.flush()
         except KeyboardInterrupt:  # the way to stop watching: not an error
             if progress.live:
                 progress.line("")
