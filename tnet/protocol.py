@@ -36,6 +36,10 @@ PREFACE = MAGIC + bytes([VERSION])  # opens every TCP stream and datagram, §2
 API_VERSION = 1  # of the local JSON API, §6
 
 FRAME_LENGTH = struct.Struct(">I")  # every frame: u32 length, then JSON, §3
+# Compact UTF-8 JSON for frames, datagrams and lines. One encoder for all:
+# json.dumps with these options would build a new one per call, which costs
+# more than encoding a small frame.
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # --- Limits -------------------------------------------------------------------
 
@@ -368,7 +372,7 @@ def encode_frame(event: Any) -> bytes:
         _build_event(kind, fields)  # we never send what we would refuse
     except RemoteProtocolError as exc:
         raise LocalProtocolError(exc.code, exc.message) from None
-    payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload = _to_json(fields).encode("utf-8")
     return FRAME_LENGTH.pack(len(payload)) + payload
 
 
@@ -558,7 +562,7 @@ class DiscoveryRequest:
 
 def encode_discovery(request: DiscoveryRequest) -> bytes:
     body = {"type": "discover", "name": request.name, "nonce": request.nonce, "port": request.port}
-    datagram = PREFACE + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    datagram = PREFACE + _to_json(body).encode("utf-8")
     if len(datagram) > MAX_DATAGRAM_BYTES:
         raise LocalProtocolError("datagram-too-large", f"over {MAX_DATAGRAM_BYTES} bytes")
     return datagram
@@ -679,7 +683,7 @@ def encode_line(obj: Any) -> bytes:
     other character (controls, C1 controls such as U+009B, DEL, format characters
     such as U+202E, lone surrogates) is escaped as \\uXXXX, so that a line shown
     on a terminal as it is cannot drive that terminal."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _to_json(obj)
     if not text.isprintable():  # outside strings JSON is printable ASCII: only string contents change
         text = "".join(c if c.isprintable() else _json_escape(c) for c in text)
     return text.encode("utf-8") + b"\n"
