@@ -242,6 +242,8 @@ class PeerConn(Conn):
         self.current, self.current_size, self.current_from = name, size, self.bytes_done
 
     def report_progress(self, client: Optional[ClientConn], publish: bool, force: bool = False) -> None:
+        if client is None and not publish:
+            return  # no one to tell: the common case of a receiver, once per small file
         now = self.daemon.clock()
         if not force and now - self.progress_at < PROGRESS_INTERVAL_S:
             return

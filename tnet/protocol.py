@@ -232,9 +232,12 @@ def check_file_name(name: str) -> str:
         raise RemoteProtocolError("bad-name", f"not valid UTF-8: {name!r}") from None
     if len(encoded) > MAX_NAME_BYTES:
         raise RemoteProtocolError("bad-name", f"longer than {MAX_NAME_BYTES} bytes")
-    for char in name:
-        if char in "/\\" or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
-            raise RemoteProtocolError("bad-name", f"forbidden character in {name!r}")
+    if "/" in name or "\\" in name:
+        raise RemoteProtocolError("bad-name", f"forbidden character in {name!r}")
+    if not name.isprintable():  # a printable name has none of the four categories: skip the walk
+        for char in name:
+            if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+                raise RemoteProtocolError("bad-name", f"forbidden character in {name!r}")
     return name
 
 
@@ -459,6 +462,15 @@ class StreamDecoder:
                 continue
             if self._state == _CLOSED:
                 raise RemoteProtocolError("bad-frame", "data after the end of the stream")
+            if self._state == _FRAME and not self._buf and len(data) - pos > FRAME_LENGTH.size:
+                # The common case, a whole frame in one read: parse it in place, not byte-buffered.
+                (length,) = FRAME_LENGTH.unpack_from(data, pos)
+                self._check_length(length)
+                end = pos + FRAME_LENGTH.size + length
+                if end <= len(data):
+                    events.append(self._accept_frame(_parse_json_object(data[pos + FRAME_LENGTH.size:end], "frame")))
+                    pos = end
+                    continue
             need = self._bytes_needed()
             take = min(need, len(data) - pos)
             self._buf += data[pos:pos + take]
@@ -484,15 +496,19 @@ class StreamDecoder:
             return None
         (length,) = FRAME_LENGTH.unpack_from(self._buf)
         if len(self._buf) == FRAME_LENGTH.size:  # only the length so far
-            limit = MAX_FRAME_BYTES if self._message_allowed() else MAX_HEADER_BYTES
-            if length > limit:
-                raise RemoteProtocolError("frame-too-large", f"{length} bytes, limit {limit}")
-            if length == 0:
-                raise RemoteProtocolError("bad-frame", "empty frame")
+            self._check_length(length)
             return None
         payload = bytes(self._buf[FRAME_LENGTH.size:])
         self._buf.clear()
         return self._accept_frame(_parse_json_object(payload, "frame"))
+
+    def _check_length(self, length: int) -> None:
+        """Refuse a frame by its announced length, before waiting for its bytes."""
+        limit = MAX_FRAME_BYTES if self._message_allowed() else MAX_HEADER_BYTES
+        if length > limit:
+            raise RemoteProtocolError("frame-too-large", f"{length} bytes, limit {limit}")
+        if length == 0:
+            raise RemoteProtocolError("bad-frame", "empty frame")
 
     def _parse_preface(self) -> None:
         if bytes(self._buf[:len(MAGIC)]) != MAGIC:
