@@ -156,8 +156,8 @@ class ClientConn(Conn):
                 self.fail(exc.code, exc.message)
 
     def reply(self, obj: Dict[str, Any]) -> None:
-        """An intermediate line (progress); the request goes on."""
-        self.send(proto.encode_line(obj))
+        """An intermediate line (a file done, progress); the request goes on."""
+        self.send_soon(proto.encode_line(obj))
 
     def finish(self, obj: Dict[str, Any]) -> None:
         """The final line of the request."""
@@ -563,7 +563,7 @@ class Daemon:
             return
         line = proto.encode_line(event)
         for subscriber in list(self.subscribers):
-            subscriber.send(line)
+            subscriber.send_soon(line)
 
     def new_transfer_id(self) -> str:
         return str(next(self.ids))

@@ -56,13 +56,25 @@ class Conn:
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` and write what the socket takes now."""
+        if self.queue(data):
+            self.flush()
+
+    def send_soon(self, data: bytes) -> None:
+        """Queue ``data`` for when the loop next finds the socket writable:
+        what one turn of the loop produces (a line per small file of a batch)
+        then leaves in one write instead of one write each."""
+        if self.queue(data):
+            self.want_write(True)
+
+    def queue(self, data: bytes) -> bool:
+        """Add ``data`` to the outgoing buffer; False if closed or now dropped."""
         if self.closed:
-            return
+            return False
         self.out += data
         if len(self.out) > self.max_out:
             self.on_overflow()
-            return
-        self.flush()
+            return False
+        return True
 
     def flush(self) -> None:
         try:
