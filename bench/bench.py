@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -599,11 +599,6 @@ def main() -> int:
         mount_tmpfs(setup, dst, f"{huge + 4 * big + 2 * 20 * each}")
         log(f"making files in {src}")
         random_file(src / "big.bin", big)
-        if "rss" in only:
-            with open(src / "huge.bin", "wb") as out:
-                for _ in range(huge // big):
-                    with open(src / "big.bin", "rb") as part:
-                        shutil.copyfileobj(part, out, 4 * MiB)
         smalls = src / "small"
         smalls.mkdir()
         for i in range(small_count):
@@ -613,6 +608,7 @@ def main() -> int:
         for path in concurrent[1:]:
             os.link(src / "each.bin", path)
 
+        first: Tuple[TnetDaemon, TnetDaemon]
         for mode in modes:
             if mode == "veth":
                 hosts = veth_pair(setup)
@@ -636,15 +632,24 @@ def main() -> int:
             if "status" in only:
                 log(f"{mode}: tnet status")
                 bench_status(res, a, 10)
-            if "rss" in only:
-                log(f"{mode}: peak RSS")
-                bench_rss(res, a, b, [src / "big.bin", src / "huge.bin"])
+            first = (a, b)
             if "small" in only:
                 log(f"{mode}: {small_count} small files")
                 bench_small(res, a, b, smalls, scratch, reps)
             if "concurrent" in only:
                 log(f"{mode}: 20 concurrent transfers of {each / MiB:g} MiB")
                 bench_concurrent(res, a, b, concurrent, max(3, reps - 2))
+        if "rss" in only:
+            # Last of the transfers: writing and freeing gigabytes makes the
+            # next minutes' page allocations slower on some virtual machines
+            # (the host takes freed memory back), which would skew the ratios.
+            log(f"{modes[0]}: peak RSS")
+            with open(src / "huge.bin", "wb") as whole:
+                for _ in range(huge // big):
+                    with open(src / "big.bin", "rb") as part:
+                        shutil.copyfileobj(part, whole, 4 * MiB)
+            bench_rss(res, *first, [src / "big.bin", src / "huge.bin"])
+            os.unlink(src / "huge.bin")
         if "discovery" in only:
             log("discovery: 20 daemons on one bridge")
             bench_discovery(res, setup, dst / "discovery", reps)
