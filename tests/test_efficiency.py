@@ -34,7 +34,8 @@ def test_small_files_stream_without_waiting_for_an_answer_each(net, tmp_path):
         assert offer.entries == 301  # the folder and its files
         ends = [wire.wait_for(proto.FileEnd) for _ in range(300)]  # not a byte sent back yet
         assert len(ends) == 300
-        wire.send(b"".join(proto.encode_frame(proto.Done(i)) for i in range(offer.entries)))
+        # Answers by index, in any order (§4.1): last first here.
+        wire.send(b"".join(proto.encode_frame(proto.Done(i)) for i in reversed(range(offer.entries))))
         out, err = send.communicate(timeout=60)
         assert send.returncode == 0, err
         assert out.count('"event":"file-done"') == 301

@@ -222,6 +222,47 @@ def test_a_disk_that_fills_mid_transfer_fails_cleanly(net, small_disk, tmp_path)
     small_transfer_works(a, b, tmp_path)
 
 
+def test_temp_dir_on_another_file_system_files_arrive_by_copy(net, small_disk, tmp_path):
+    """TEMP_DIR (under tmp_path) and FILE_SAVE_DIR (the tmpfs) apart, as with
+    a /tmp on tmpfs: link(2) cannot move a file, so it is copied in slices."""
+    a, b = net.daemon("alpha"), net.daemon("bravo", FILE_SAVE_DIR=str(small_disk / "Downloads"))
+    assert os.stat(b.temp).st_dev != os.stat(small_disk).st_dev
+    events = b.events()
+    f = random_file(tmp_path / "f.bin", 3 * MiB, seed=5)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "one.txt").write_text("one")
+    (folder / "two.txt").write_text("two")
+    for _ in range(2):
+        out = a.cli("send", b.address, str(f), str(folder))
+        assert out.returncode == 0, out.stderr + b.log()
+    downloads = small_disk / "Downloads"
+    assert sorted(os.listdir(downloads)) == ["docs", "docs (1)", "f (1).bin", "f.bin"]  # nothing hidden left
+    for name in ("f.bin", "f (1).bin"):
+        assert filecmp.cmp(f, downloads / name, shallow=False)
+        assert (downloads / name).stat().st_mode & 0o777 == (downloads / "docs" / "one.txt").stat().st_mode & 0o777
+    assert (downloads / "docs (1)" / "two.txt").read_text() == "two"
+    done = events.wait_for(lambda e: e["event"] == "file-done" and e["path"].endswith("f (1).bin"))
+    assert done["file"] == "f.bin" and done["size"] == 3 * MiB
+    assert b.temp_files() == []
+
+
+def test_a_copy_into_a_full_save_dir_fails_cleanly(net, small_disk, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo", FILE_SAVE_DIR=str(small_disk / "Downloads"))
+    data = os.urandom(2 * MiB)
+    wire = crafted.start_batch(b.address, 1, len(data))
+    wire.send(crafted.file_header(0, ["late.bin"], len(data)) + data)
+    wait_until(lambda: temp_size(b) == len(data), what="the whole file in TEMP_DIR")
+    fill(small_disk / "filler")  # after the offer's check of free space: the copy finds no room
+    wire.send(crafted.end(data))
+    failed = wire.wait_for(proto.Failed)
+    wire.close()
+    assert failed.code == "disk-full" and "late.bin" in failed.message, failed
+    assert os.listdir(small_disk / "Downloads") == [] and b.temp_files() == []
+    os.unlink(small_disk / "filler")
+    small_transfer_works(a, b, tmp_path)
+
+
 def test_an_unwritable_or_missing_save_dir_is_a_clear_error(net, small_disk, tmp_path):
     a, b = net.daemon("alpha"), on_disk(net, small_disk)
     f = tmp_path / "f.txt"

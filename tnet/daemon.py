@@ -287,6 +287,7 @@ class Daemon:
         self.recv_buf = bytearray(RECV_BYTES)
         self.recv_view = memoryview(self.recv_buf)
         self.subscribers: set = set()
+        self.copying: set = set()  # InboundPeers with files to copy into FILE_SAVE_DIR (Store.start_copy)
         self.transfers: Dict[str, PeerConn] = {}
         self.peers: Dict[Tuple[str, str], PeerRecord] = {}
         self.discoveries: Dict[str, Discovery] = {}
@@ -317,8 +318,8 @@ class Daemon:
         ensure_descriptors(2 * cfg.max_connections + 64)  # a socket and a file each, and some
         if os.stat(cfg.temp_dir).st_dev != os.stat(cfg.save_dir).st_dev:
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
-                        "copied once more after it is verified, and the daemon waits for that copy; "
-                        "a TEMP_DIR beside FILE_SAVE_DIR saves both", cfg.temp_dir, cfg.save_dir)
+                        "copied once more after it is verified, and needs room in both until then; "
+                        "a TEMP_DIR beside FILE_SAVE_DIR saves that", cfg.temp_dir, cfg.save_dir)
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -439,7 +440,8 @@ class Daemon:
         self.stopping = True
 
     def run_once(self) -> None:
-        for key, mask in self.sel.select(self.timers.next_wait(self.clock())):
+        wait = 0.0 if self.copying else self.timers.next_wait(self.clock())  # copies go on between events
+        for key, mask in self.sel.select(wait):
             item = key.data
             if mask & selectors.EVENT_READ and not item.closed:
                 self.guarded(item, item.on_readable)
@@ -447,6 +449,8 @@ class Daemon:
                 self.guarded(item, item.on_writable)
         for item in self.timers.pop_due(self.clock()):
             self.guarded(item, item.on_deadline)
+        for item in list(self.copying):
+            self.guarded(item, item.step_copies)
 
     def guarded(self, item: Any, callback: Callable[[], None]) -> None:
         """Run one callback; a bug costs the connection involved, not the daemon."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import protocol as proto
 from .loop import Conn
-from .store import remove_quietly, write_all
+from .store import Copy, remove_quietly, write_all
 from .util import printable
 
 if TYPE_CHECKING:
@@ -274,6 +274,7 @@ class InboundPeer(PeerConn):
         self.temp_fd = -1
         self.hasher: Any = None
         self.header: Optional[proto.FileHeader] = None
+        self.copies: Dict[int, Tuple[Copy, proto.FileHeader, str]] = {}  # by entry: copy, header, sha256
 
     def touch(self) -> None:
         if not self.awaiting_decision:
@@ -381,25 +382,54 @@ class InboundPeer(PeerConn):
         self.close_temp()
         if self.hasher.hexdigest() != event.sha256:
             self.discard_temp()
-            self.entry_failed(header.index, "verify-failed", f"{self.current}: SHA-256 does not match")
+            self.entry_failed(header.index, self.current, "verify-failed", f"{self.current}: SHA-256 does not match")
             return
         try:
             saved = self.daemon.store.place_file(self.temp_path, header.path, self.tops)
+            if saved is None:  # TEMP_DIR is on another file system: copy, a slice per turn of the loop
+                copy = self.daemon.store.start_copy(self.temp_path, header.path, self.tops)
         except OSError as exc:
             self.discard_temp()
-            self.entry_failed(header.index, "save-failed", f"{self.current}: {exc.strerror or exc}")
+            self.entry_failed(header.index, self.current, "save-failed", f"{self.current}: {exc.strerror or exc}")
             return
         self.temp_path = ""
+        if saved is None:
+            self.copies[header.index] = (copy, header, event.sha256)
+            self.daemon.copying.add(self)
+            return
+        self.file_saved(header, saved, event.sha256)
+
+    def file_saved(self, header: proto.FileHeader, path: str, sha256: str) -> None:
         self.files_saved += 1
-        self.daemon.publish(dict(self.describe(), event="file-done", path=saved, sha256=event.sha256,
-                                 size=header.size))
+        self.daemon.publish(dict(self.describe(), event="file-done", file="/".join(header.path), path=path,
+                                 sha256=sha256, size=header.size))
         self.entry_done(header.index)
+
+    def step_copies(self) -> None:
+        """One slice of each file being copied into FILE_SAVE_DIR (see Store.start_copy)."""
+        self.touch()  # busy on our side: the sender waits for these results, silent
+        for index, (copy, header, sha256) in list(self.copies.items()):
+            try:
+                finished = copy.step()
+            except OSError as exc:
+                del self.copies[index]
+                copy.abandon()
+                name = "/".join(header.path)
+                code = "disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "save-failed"
+                self.entry_failed(index, name, code, f"{name}: {exc.strerror or exc}")
+                continue
+            if finished:
+                del self.copies[index]
+                self.file_saved(header, copy.target, sha256)
+        if not self.copies:
+            self.daemon.copying.discard(self)
 
     def _on_folder(self, event: proto.Folder) -> None:
         try:
             self.daemon.store.folder_for(event.path, self.tops)
         except OSError as exc:
-            self.entry_failed(event.index, "save-failed", f"{'/'.join(event.path)}: {exc.strerror or exc}")
+            name = "/".join(event.path)
+            self.entry_failed(event.index, name, "save-failed", f"{name}: {exc.strerror or exc}")
             return
         self.entry_done(event.index)
 
@@ -408,7 +438,7 @@ class InboundPeer(PeerConn):
             self.abort("unexpected-frame", f"'failed' for entry {event.index}, which is not in flight")
             return
         self.discard_temp()
-        self.entry_failed(event.index, event.code, f"{self.address}: {event.message}")
+        self.entry_failed(event.index, self.current, event.code, f"{self.address}: {event.message}")
 
     def _on_error(self, event: proto.Error) -> None:
         self.end_failed(event.code, f"{self.address}: {event.message}")
@@ -431,12 +461,12 @@ class InboundPeer(PeerConn):
         self.send(proto.encode_frame(proto.Done(index)))
         self.maybe_complete()
 
-    def entry_failed(self, index: int, code: str, message: str) -> None:
+    def entry_failed(self, index: int, name: str, code: str, message: str) -> None:
         self.entries_done += 1
         if self.first_failure is None:
             self.first_failure = (code, message)
         log.warning("from %s: %s: %s", self.address, code, printable(message))
-        self.daemon.publish(dict(self.describe(), event="file-failed", code=code, message=message))
+        self.daemon.publish(dict(self.describe(), event="file-failed", file=name, code=code, message=message))
         self.send(proto.encode_frame(proto.Failed(index, code, proto.clip_text(message))))
         self.maybe_complete()
 
@@ -477,6 +507,10 @@ class InboundPeer(PeerConn):
     def on_closed(self) -> None:
         super().on_closed()
         self.discard_temp()
+        for copy, _, _ in self.copies.values():  # the sender heard no `done` for these: nothing stays
+            copy.abandon()
+        self.copies.clear()
+        self.daemon.copying.discard(self)
 
 
 class OutboundPeer(PeerConn):
