@@ -247,6 +247,19 @@ def test_temp_dir_on_another_file_system_files_arrive_by_copy(net, small_disk, t
     assert b.temp_files() == []
 
 
+def test_a_receiver_copying_into_place_tells_the_sender_to_wait(net, small_disk):
+    """A copy may outlast the sender's IDLE_TIMEOUT: `wait` keeps it from giving up."""
+    b = net.daemon("bravo", FILE_SAVE_DIR=str(small_disk / "Downloads"), IDLE_TIMEOUT="9")
+    data = os.urandom(MiB)
+    wire = crafted.start_batch(b.address, 1, len(data))
+    wire.send(crafted.file_header(0, ["slow.bin"], len(data)) + data + crafted.end(data))
+    wait = wire.wait_for(proto.Wait)
+    assert wait.seconds == 9
+    assert wire.wait_for(proto.Done).index == 0
+    wire.close()
+    assert (small_disk / "Downloads" / "slow.bin").read_bytes() == data
+
+
 def test_a_copy_into_a_full_save_dir_fails_cleanly(net, small_disk, tmp_path):
     a, b = net.daemon("alpha"), net.daemon("bravo", FILE_SAVE_DIR=str(small_disk / "Downloads"))
     data = os.urandom(2 * MiB)

@@ -275,6 +275,7 @@ class InboundPeer(PeerConn):
         self.hasher: Any = None
         self.header: Optional[proto.FileHeader] = None
         self.copies: Dict[int, Tuple[Copy, proto.FileHeader, str]] = {}  # by entry: copy, header, sha256
+        self.told_wait_at = -math.inf  # when the sender was last told to wait for a copy
 
     def touch(self) -> None:
         if not self.awaiting_decision:
@@ -396,6 +397,7 @@ class InboundPeer(PeerConn):
         if saved is None:
             self.copies[header.index] = (copy, header, event.sha256)
             self.daemon.copying.add(self)
+            self.keep_sender_waiting()
             return
         self.file_saved(header, saved, event.sha256)
 
@@ -405,9 +407,20 @@ class InboundPeer(PeerConn):
                                  sha256=sha256, size=header.size))
         self.entry_done(header.index)
 
+    def keep_sender_waiting(self) -> None:
+        """A long copy can outlast the sender's IDLE_TIMEOUT, and with the
+        connection the copy would go: say `wait` at once, then every third of
+        that time (§4.1)."""
+        now = self.daemon.clock()
+        idle = self.daemon.config.idle_timeout
+        if now - self.told_wait_at >= idle / 3:
+            self.told_wait_at = now
+            self.send(proto.encode_frame(proto.Wait(min(math.ceil(idle), proto.MAX_WAIT_S))))
+
     def step_copies(self) -> None:
         """One slice of each file being copied into FILE_SAVE_DIR (see Store.start_copy)."""
         self.touch()  # busy on our side: the sender waits for these results, silent
+        self.keep_sender_waiting()
         for index, (copy, header, sha256) in list(self.copies.items()):
             try:
                 finished = copy.step()
@@ -632,8 +645,8 @@ class OutboundPeer(PeerConn):
             self.touch()
             self.daemon.publish(dict(self.describe(), event="transfer-started", entries=len(self.entries)))
             self.want_write(True)
-        elif isinstance(event, proto.Wait) and isinstance(self.first, proto.Offer) and not self.streaming_started():
-            # The receiver asks its user: allow that, and the usual silence on top.
+        elif isinstance(event, proto.Wait) and isinstance(self.first, proto.Offer):
+            # The receiver asks its user, or copies files into place: allow that, and the usual silence on top.
             self.set_deadline(self.daemon.clock() + event.seconds + self.daemon.config.idle_timeout)
         elif isinstance(event, (proto.Done, proto.Failed)) and self.streaming_started():
             self.on_result(event)
