@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -399,46 +400,87 @@ def bench_small(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, folder: Path,
     res["small_files"] = {"files": len(os.listdir(folder)), "seconds": {n: median_range(t) for n, t in times.items()}}
 
 
+def concurrent_cli(a: TnetDaemon, b: TnetDaemon, files: List[Path], start: float) -> List[float]:
+    """One `tnet send` process per file, as people start them; when each ended."""
+    procs = [subprocess.Popen([PYTHON, "-m", "tnet", "send", "--json", b.host.address, str(f)], env=a.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=a.dir) for f in files]
+    ends: Dict[int, float] = {}
+    while len(ends) < len(procs):
+        if time.monotonic() - start > TOOL_TIMEOUT_S:
+            for p in procs:
+                p.kill()
+            raise RuntimeError("concurrent sends did not finish")
+        for i, p in enumerate(procs):
+            if i not in ends and p.poll() is not None:
+                if p.returncode:
+                    raise RuntimeError(f"concurrent send failed: {p.stderr.read().decode() if p.stderr else ''}")
+                ends[i] = time.monotonic()
+        time.sleep(0.01)  # a 1% error on the shortest run; polling faster takes CPU from the transfers
+    return list(ends.values())
+
+
+def concurrent_api(a: TnetDaemon, b: TnetDaemon, files: List[Path], start: float) -> List[float]:
+    """The same sends as requests on the command socket from this process:
+    the daemon's concurrency without 20 interpreters starting beside it."""
+    sel = selectors.DefaultSelector()
+    pending: Dict[socket.socket, bytes] = {}
+    for f in files:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(a.env["COMMAND_SOCKET"])
+        sock.sendall(json.dumps({"cmd": "send", "peer": b.host.address, "paths": [str(f)]}).encode() + b"\n")
+        sel.register(sock, selectors.EVENT_READ, sock)
+        pending[sock] = b""
+    ends = []
+    while pending:
+        ready = sel.select(max(start + TOOL_TIMEOUT_S - time.monotonic(), 0))
+        if not ready:
+            raise RuntimeError("concurrent sends did not finish")
+        for key, _ in ready:
+            sock = key.data
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError("the daemon closed a command connection")
+            *lines, pending[sock] = (pending[sock] + data).split(b"\n")
+            for answer in map(json.loads, filter(None, lines)):
+                if "ok" not in answer:
+                    continue
+                if not answer["ok"]:
+                    raise RuntimeError(f"concurrent send failed: {answer}")
+                ends.append(time.monotonic())
+                sel.unregister(sock)
+                sock.close()
+                del pending[sock]
+    return ends
+
+
 def bench_concurrent(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, files: List[Path], reps: int) -> None:
     size = files[0].stat().st_size
-    aggregate, spread, slowest, fastest = [], [], [], []
-    for rep in range(reps):
-        b.clean_downloads()
-        start = time.monotonic()
-        procs = [subprocess.Popen([PYTHON, "-m", "tnet", "send", "--json", b.host.address, str(f)], env=a.env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=a.dir) for f in files]
-        ends: Dict[int, float] = {}
-        while len(ends) < len(procs):
-            if time.monotonic() - start > TOOL_TIMEOUT_S:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError("concurrent sends did not finish")
-            for i, p in enumerate(procs):
-                if i not in ends and p.poll() is not None:
-                    if p.returncode:
-                        raise RuntimeError(f"concurrent send failed: {p.stderr.read() if p.stderr else ''}")
-                    ends[i] = time.monotonic()
-            time.sleep(0.01)  # a 1% error on the shortest run; polling faster takes CPU from the transfers
-        total = max(ends.values()) - start
-        rates = [size / (end - start) / 1e6 for end in ends.values()]
-        aggregate.append(size * len(files) / total / 1e6)
-        slowest.append(min(rates))
-        fastest.append(max(rates))
-        spread.append(min(rates) / max(rates))
-        b.clean_downloads()
-        log(f"  concurrent rep {rep + 1}: aggregate {aggregate[-1]:.0f} MB/s, slowest {slowest[-1]:.0f}, "
-            f"fastest {fastest[-1]:.0f}")
-    res["concurrent"] = {"transfers": len(files), "bytes_each": size, "aggregate_MB_per_s": median_range(aggregate),
-                         "slowest_MB_per_s": median_range(slowest), "fastest_MB_per_s": median_range(fastest),
-                         "slowest_over_fastest": median_range(spread)}
+    for via, launch in (("cli", concurrent_cli), ("api", concurrent_api)):
+        aggregate, spread, slowest, fastest = [], [], [], []
+        for rep in range(reps):
+            b.clean_downloads()
+            start = time.monotonic()
+            ends = launch(a, b, files, start)
+            rates = [size / (end - start) / 1e6 for end in ends]
+            aggregate.append(size * len(files) / (max(ends) - start) / 1e6)
+            slowest.append(min(rates))
+            fastest.append(max(rates))
+            spread.append(min(rates) / max(rates))
+            b.clean_downloads()
+            log(f"  concurrent via {via}, rep {rep + 1}: aggregate {aggregate[-1]:.0f} MB/s, "
+                f"slowest {slowest[-1]:.0f}, fastest {fastest[-1]:.0f}")
+        res["concurrent" if via == "cli" else "concurrent_api"] = {
+            "transfers": len(files), "bytes_each": size, "aggregate_MB_per_s": median_range(aggregate),
+            "slowest_MB_per_s": median_range(slowest), "fastest_MB_per_s": median_range(fastest),
+            "slowest_over_fastest": median_range(spread)}
 
 
 def bench_discovery(res: Dict[str, Any], setup: Setup, work: Path, reps: int) -> None:
     hosts = bridged_hosts(setup, 20)
     port = free_udp_port()
     daemons = [TnetDaemon(h, work, port) for h in hosts]
-    setup.later(lambda: [d.stop() for d in daemons])
     for d in daemons:
+        setup.later(d.stop)
         d.start()
     for d in daemons:
         d.wait_ready()
@@ -529,6 +571,12 @@ def table(res: Dict[str, Any]) -> str:
         sp = c["slowest_over_fastest"]
         row(f"{c['transfers']} concurrent, slowest MB/s", fmt(c["slowest_MB_per_s"]), "fastest",
             fmt(c["fastest_MB_per_s"]), sp["median"], "≥ 0.5", sp["median"] >= 0.5)
+        api = res.get("concurrent_api")
+        if api and single:  # no target: what the daemon does without 20 interpreters starting beside it
+            row(f"{c['transfers']} concurrent via the API, aggregate MB/s", fmt(api["aggregate_MB_per_s"]),
+                "tnet single", fmt(single), api["aggregate_MB_per_s"]["median"] / single["median"], "", True)
+            row(f"{c['transfers']} concurrent via the API, slowest MB/s", fmt(api["slowest_MB_per_s"]), "fastest",
+                fmt(api["fastest_MB_per_s"]), api["slowest_over_fastest"]["median"], "", True)
     if "discovery" in res:
         d = res["discovery"]
         w = d["found_by_window_s"]
@@ -545,9 +593,9 @@ def table(res: Dict[str, Any]) -> str:
         row("`tnet status`, ms", fmt(s["tnet_status_s"], 1000), "python -c pass", fmt(s["python_start_s"], 1000),
             s["tnet_status_s"]["median"] / s["python_start_s"]["median"], "< 150 ms",
             s["tnet_status_s"]["median"] < 0.150)
-    rows = [tuple(cell.replace("|", "\\|") for cell in r) for r in rows]  # a Markdown table
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    cells = [[cell.replace("|", "\\|") for cell in r] for r in rows]  # a Markdown table
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

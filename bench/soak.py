@@ -72,7 +72,8 @@ class Host:
             sock.settimeout(120)
             sock.connect(self.env["COMMAND_SOCKET"])
             sock.sendall(json.dumps(obj).encode() + b"\n")
-            lines, buf = [], b""
+            lines: List[Dict[str, Any]] = []
+            buf = b""
             while not lines or "ok" not in lines[-1]:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -164,7 +165,7 @@ def main() -> int:
                 if proc.poll() is not None:
                     running.remove((proc, name))
                     if proc.returncode != 0:
-                        failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip()}")
+                        failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip() if proc.stderr else ''}")
                     else:
                         delivered.add(name)
                     (root / "out" / name).unlink()
@@ -180,7 +181,7 @@ def main() -> int:
             time.sleep(0.05)  # pacing the load, not waiting for a result
         for proc, name in running:
             if proc.wait(300) != 0:
-                failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip()}")
+                failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip() if proc.stderr else ''}")
             else:
                 delivered.add(name)
         running = []
