@@ -511,6 +511,7 @@ class InboundPeer(PeerConn):
 
     def on_failed(self, code: str, message: str) -> None:
         self.discard_temp()
+        self.drop_copies()  # before an error frame goes out: no `done` may follow it
         if self.id:
             log.warning("transfer %s from %s failed: %s: %s", self.id, self.address, code, printable(message))
             self.daemon.publish(dict(self.describe(), event="transfer-failed", code=code, message=message))
@@ -520,7 +521,11 @@ class InboundPeer(PeerConn):
     def on_closed(self) -> None:
         super().on_closed()
         self.discard_temp()
-        for copy, _, _ in self.copies.values():  # the sender heard no `done` for these: nothing stays
+        self.drop_copies()
+
+    def drop_copies(self) -> None:
+        """The sender will hear no `done` for these files: nothing of them stays."""
+        for copy, _, _ in self.copies.values():
             copy.abandon()
         self.copies.clear()
         self.daemon.copying.discard(self)
