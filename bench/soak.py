@@ -123,6 +123,10 @@ def drain(sub: Tuple[socket.socket, List[Dict[str, Any]], bytearray]) -> None:
         events += [json.loads(line) for line in lines if line.strip()]
 
 
+def send_failure(proc: subprocess.Popen, name: str) -> str:
+    return f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip() if proc.stderr else ''}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0)
@@ -165,7 +169,7 @@ def main() -> int:
                 if proc.poll() is not None:
                     running.remove((proc, name))
                     if proc.returncode != 0:
-                        failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip() if proc.stderr else ''}")
+                        failures.append(send_failure(proc, name))
                     else:
                         delivered.add(name)
                     (root / "out" / name).unlink()
@@ -181,7 +185,7 @@ def main() -> int:
             time.sleep(0.05)  # pacing the load, not waiting for a result
         for proc, name in running:
             if proc.wait(300) != 0:
-                failures.append(f"send {name}: exit {proc.returncode}: {proc.stderr.read().strip() if proc.stderr else ''}")
+                failures.append(send_failure(proc, name))
             else:
                 delivered.add(name)
         running = []
