@@ -121,9 +121,9 @@ class Store:
 class Copy:
     """A verified temp file on its way into FILE_SAVE_DIR from another file
     system, a slice of work per ``step``: the bytes go to a hidden file in the
-    target folder; then the temp file is freed (all at once, a large tmpfs
-    file holds the loop for ~0.2 s per GiB); then the copy takes its name.
-    ``abandon`` removes the copy and the temp file."""
+    target folder; then the temp file is freed by truncation, a slice at a
+    time too (freeing a 1 GiB tmpfs file at once holds the loop ~0.2 s); then
+    the copy takes its name. ``abandon`` removes the copy and the temp file."""
 
     def __init__(self, store: Store, temp_path: str, folder: str, name: str) -> None:
         self.store, self.folder, self.name = store, folder, name
@@ -172,7 +172,11 @@ class Copy:
                 raise
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             os.close(os.open(target, flags, self.store.file_mode))
-            os.replace(self.staging, target)
+            try:
+                os.replace(self.staging, target)
+            except OSError:
+                remove_quietly(target)  # our empty reservation
+                raise
 
     def abandon(self) -> None:
         self.close_files()
