@@ -220,6 +220,15 @@ class Daemon:
     def temp_files(self) -> List[str]:
         return sorted(os.listdir(self.temp))
 
+    def peak_rss(self) -> int:
+        """VmHWM of the daemon process, in bytes."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc/PID/status")
+
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait for the exit code."""
         assert self.proc is not None

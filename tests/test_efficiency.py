@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import crafted
 import pytest
@@ -46,13 +45,6 @@ def test_small_files_stream_without_waiting_for_an_answer_each(net, tmp_path):
         receiver.close()
 
 
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/PID/status")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 def test_a_file_larger_than_any_buffer_streams_in_constant_memory(net, tmp_path):
     size = 256 * MiB  # several times a daemon's whole footprint: held in memory, it would show
@@ -63,6 +55,5 @@ def test_a_file_larger_than_any_buffer_streams_in_constant_memory(net, tmp_path)
     assert a.cli("send", b.address, str(f)).returncode == 0
     assert (b.downloads / "big.bin").stat().st_size == size
     for daemon in (a, b):
-        assert daemon.proc is not None
-        rss = peak_rss(daemon.proc.pid)
+        rss = daemon.peak_rss()
         assert rss < 64 * MiB, f"{daemon.name}: peak RSS {rss / MiB:.1f} MiB for a {size // MiB} MiB file"

@@ -118,15 +118,6 @@ class NsDaemon(Daemon):
         wait_until(lambda: self.alive_and_answering(), what=f"daemon {self.name} to answer")
         return self
 
-    def peak_rss(self) -> int:
-        """VmHWM of the daemon process, in bytes."""
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM in /proc/PID/status")
-
 
 class Lab:
     """Namespaces on one bridge, for one test."""
