@@ -211,7 +211,7 @@ def main() -> int:
                     received[name] = received.get(name, 0) + 1
                     if sent_files.get(name) != event["sha256"]:
                         failures.append(f"{name}: wrong SHA-256 on {host.name}")
-            leftovers = os.listdir(host.dir / "tmp")
+            leftovers = [name for _, _, names in os.walk(host.dir / "tmp") for name in names if name != "lock"]
             if leftovers:
                 failures.append(f"{host.name}: temp files left: {leftovers[:5]}")
             if host.fds() > host.fds_at_start:

@@ -218,7 +218,8 @@ class Daemon:
             return ""
 
     def temp_files(self) -> List[str]:
-        return sorted(os.listdir(self.temp))
+        """Files in TEMP_DIR, inside the daemons' work folders too (their locks aside)."""
+        return temp_files(self.temp)
 
     def peak_rss(self) -> int:
         """VmHWM of the daemon process, in bytes."""
@@ -246,6 +247,11 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def temp_files(folder: Path) -> List[str]:
+    return sorted(os.path.relpath(os.path.join(top, name), folder) for top, _, names in os.walk(folder)
+                  for name in names if name != "lock")
 
 
 def read_answers(sock: socket.socket) -> List[Dict[str, Any]]:

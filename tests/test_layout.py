@@ -14,9 +14,10 @@ ALLOWED = {
     "util": set(),
     "cli": {"protocol", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "store": {"protocol"},
+    "walk": {"protocol", "util"},
     "loop": set(),
-    "peers": {"protocol", "loop", "store", "util"},
-    "daemon": {"protocol", "loop", "peers", "store", "util"},
+    "peers": {"protocol", "loop", "store", "util", "walk"},
+    "daemon": {"protocol", "loop", "peers", "store", "util", "walk"},
     "__main__": {"cli"},
 }
 

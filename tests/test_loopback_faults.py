@@ -16,7 +16,7 @@ from pathlib import Path
 
 import crafted
 import pytest
-from conftest import next_address, random_file, wait_until
+from conftest import next_address, random_file, temp_files, wait_until
 
 from tnet import protocol as proto
 
@@ -85,7 +85,7 @@ def test_receiver_killed_mid_transfer(net, tmp_path):
 
 def test_slowloris_connections_time_out_while_a_good_transfer_proceeds(net, tmp_path):
     a = net.daemon("alpha")
-    b = net.daemon("bravo", HANDSHAKE_TIMEOUT="1", IDLE_TIMEOUT="60")
+    b = net.daemon("bravo", HANDSHAKE_TIMEOUT="1", IDLE_TIMEOUT="60", MAX_CONNECTIONS_PER_PEER="256")
     idle = [socket.create_connection((b.address, crafted.PORT), 30) for _ in range(200)]
     try:
         small_transfer_works(a, b, tmp_path)
@@ -125,28 +125,26 @@ def test_max_connections_at_n_and_n_plus_one(net):
         for sock in held:
             sock.settimeout(30)
             assert sock.recv(5) == proto.PREFACE  # taken
-        extra = socket.create_connection((b.address, crafted.PORT), 30)
-        extra.settimeout(30)
-        try:
-            assert extra.recv(5) == b""  # refused: closed without a word
-        except ConnectionResetError:
-            pass
-        extra.close()
+        assert first_answer(crafted.connect(b.address)).code == "busy"  # refused, and told why
         assert "refusing" in b.log() and "MAX_CONNECTIONS" in b.log()
         held.pop().close()
-
-        def slot_free() -> bool:
-            with socket.create_connection((b.address, crafted.PORT), 30) as probe:
-                probe.settimeout(30)
-                try:
-                    return probe.recv(5) == proto.PREFACE
-                except ConnectionResetError:
-                    return False
-
-        wait_until(slot_free, what="the freed slot")
+        wait_until(lambda: isinstance(first_answer(crafted.connect(b.address)), proto.Accept), what="the freed slot")
     finally:
         for sock in held:
             sock.close()
+
+
+def first_answer(wire: crafted.Wire):
+    """Offer an empty batch; the daemon's first answer: Accept, or the Error refusing us."""
+    try:
+        wire.send(proto.PREFACE + crafted.offer(1, 0))
+        while True:
+            for event in wire.events:
+                if isinstance(event, (proto.Accept, proto.Error)):
+                    return event
+            assert wire.pump(), f"closed without an answer: {wire.events} {wire.remote_error}"
+    finally:
+        wire.close()
 
 
 # --- 5. full and unwritable disks ---------------------------------------------------------------
@@ -194,7 +192,7 @@ def test_a_file_that_does_not_fit_is_refused_up_front(net, small_disk, tmp_path)
     out = a.cli("send", b.address, str(f))
     assert out.returncode == 5, out.stderr
     assert "no-space" in out.stderr and "not enough space" in out.stderr
-    assert os.listdir(small_disk / "tmp") == [] and os.listdir(small_disk / "Downloads") == []
+    assert temp_files(small_disk / "tmp") == [] and os.listdir(small_disk / "Downloads") == []
     small_transfer_works(a, b, tmp_path)
 
 
@@ -203,8 +201,8 @@ def test_a_disk_that_fills_mid_transfer_fails_cleanly(net, small_disk, tmp_path)
     events = b.events()
     wire = crafted.start_batch(b.address, 1, 6 * MiB)
     wire.send(crafted.file_header(0, ["big.bin"], 6 * MiB) + bytes(MiB))
-    wait_until(lambda: os.listdir(small_disk / "tmp") and
-               os.path.getsize(small_disk / "tmp" / os.listdir(small_disk / "tmp")[0]) == MiB)
+    wait_until(lambda: temp_files(small_disk / "tmp") and
+               os.path.getsize(small_disk / "tmp" / temp_files(small_disk / "tmp")[0]) == MiB)
     fill(small_disk / "filler")
     try:
         wire.send(bytes(5 * MiB))
@@ -215,7 +213,7 @@ def test_a_disk_that_fills_mid_transfer_fails_cleanly(net, small_disk, tmp_path)
     assert error.code == "disk-full" and "No space left" in error.message
     failed = events.wait_for(lambda e: e["event"] == "transfer-failed")
     assert failed["code"] == "disk-full"
-    wait_until(lambda: os.listdir(small_disk / "tmp") == [], what="the temp file to go")
+    wait_until(lambda: temp_files(small_disk / "tmp") == [], what="the temp file to go")
     assert os.listdir(small_disk / "Downloads") == []
     assert "disk-full" in b.log()
     os.unlink(small_disk / "filler")

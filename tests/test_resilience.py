@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +25,10 @@ def test_a_failing_cleanup_in_a_timeout_costs_one_transfer_not_the_daemon(net):
     events = b.events()
     wire = crafted.start_batch(b.address, 1, 10)
     wire.send(crafted.file_header(0, ["f.bin"], 10) + b"12345")  # half a file, then silence
-    wait_until(lambda: b.temp_files(), what="the temp file")
-    shutil.rmtree(b.temp)
-    b.temp.write_text("not a folder any more")  # the temp file can no longer be removed
+    temp = b.temp / wait_until(lambda: b.temp_files(), what="the temp file")[0]
+    os.rename(temp, b.temp / "elsewhere.part")
+    temp.mkdir()  # a folder under its name, with something in it: unlink(2) fails
+    (temp / "inside").write_text("x")
     failed = events.wait_for(lambda e: e["event"] == "transfer-failed", what="the idle timeout")
     assert failed["code"] == "timeout"
     assert b.proc.poll() is None and b.request("status")[-1]["ok"]

@@ -52,6 +52,7 @@ EXIT_BY_CODE = {
     "refused": EXIT_REFUSED,
     "declined": EXIT_REFUSED,
     "no-space": EXIT_REFUSED,
+    "busy": EXIT_REFUSED,
     "bad-name": EXIT_LOCAL_FILE,
     "file-error": EXIT_LOCAL_FILE,
     "verify-failed": EXIT_VERIFY,
@@ -462,30 +463,45 @@ def run_hook(command: str, event: Dict[str, Any]) -> None:
 
 def cmd_watch(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
     path = event_socket_path(env)
-    with connect(path, "EVENT_SOCKET") as sock:
-        if not args.json:
-            print(f"watching {path} (Ctrl-C to stop)", file=sys.stderr)
-        progress = Progress(out, out.isatty() and not args.json)
-        try:
-            for batch in read_lines(sock):
-                for event in batch:
-                    if args.json:
-                        print_json(event, out)
-                    elif event.get("event") == "progress":
-                        progress.update(event)  # drawn on a terminal only; REPORT_PROGRESS_IN=1 sends them
-                    elif event.get("event") == "file-done":
-                        progress.file_done(event, describe_event(event))
-                    else:
-                        progress.line(describe_event(event))
-                    if args.exec:
-                        out.flush()  # our line before the hook's output
-                        run_hook(args.exec, event)
+    progress = Progress(out, out.isatty() and not args.json)
+    if not args.json:
+        print(f"watching {path} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while True:
+            with connect(path, "EVENT_SOCKET") as sock:
+                dropped = follow_events(sock, args, out, progress)
+            if dropped is None:
+                raise CliError("the daemon stopped", EXIT_NO_DAEMON, "no-daemon")
+            # Dropped for falling behind (a slow terminal or --exec): say so, and carry on.
+            print(f"tnet watch: fell behind; the daemon dropped this watch and {dropped.get('lost', '?')} events "
+                  "with it; reconnecting", file=sys.stderr)
+    except KeyboardInterrupt:  # the way to stop watching: not an error
+        if progress.live:
+            progress.line("")
+        return EXIT_OK
+
+
+def follow_events(sock: socket.socket, args: argparse.Namespace, out: TextIO,
+                  progress: Progress) -> Optional[Dict[str, Any]]:
+    """Show events until the daemon closes; the ``dropped`` event if that is why."""
+    for batch in read_lines(sock):
+        for event in batch:
+            if args.json:
+                print_json(event, out)
+            elif event.get("event") == "progress":
+                progress.update(event)  # drawn on a terminal only; REPORT_PROGRESS_IN=1 sends them
+            elif event.get("event") == "file-done":
+                progress.file_done(event, describe_event(event))
+            elif event.get("event") != "dropped":
+                progress.line(describe_event(event))
+            if args.exec:
+                out.flush()  # our line before the hook's output
+                run_hook(args.exec, event)
+            if event.get("event") == "dropped":
                 out.flush()
-        except KeyboardInterrupt:  # the way to stop watching: not an error
-            if progress.live:
-                progress.line("")
-            return EXIT_OK
-    raise CliError("the daemon stopped", EXIT_NO_DAEMON, "no-daemon")
+                return event
+        out.flush()
+    return None
 
 
 # --- Arguments -------------------------------------------------------------------

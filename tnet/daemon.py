@@ -34,26 +34,37 @@ import signal
 import socket
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as proto
 from .loop import Conn, Timers
-from .peers import RECV_BYTES, Entry, InboundPeer, OutboundPeer, PeerConn
-from .store import Store, remove_quietly
-from .util import Config, broadcast_targets, local_networks, monotonic, printable
+from .peers import RECV_BYTES, InboundPeer, OutboundPeer, PeerConn, Refusal
+from .store import Store, StoreError, remove_quietly
+from .util import Config, broadcast_targets, local_networks, monotonic
+from .walk import Entries, Walk
 
 log = logging.getLogger("tnet")
 
 MAX_SUBSCRIBER_BUFFER_BYTES = 1024 * 1024  # a subscriber this far behind is dropped
+LAGGING_GRACE_S = 10.0  # for a dropped subscriber to read the line in flight and its last word
 MAX_DATAGRAMS_PER_WAKE = 64  # then let other sockets have a turn
 ACCEPT_PAUSE_S = 1.0  # out of descriptors: how long a listener rests
 HALF_CLOSED_PROBE_S = 2.0  # how often a busy half-closed client is checked for being gone
 MAX_ANSWERS_PER_WINDOW = 2  # discovery answers per requester address per window
+MAX_ANSWERS_PER_WINDOW_ALL = 64  # and for all requesters together: a spoofed flood costs a bounded amount
+MAX_DATAGRAMS_PER_WINDOW = 256  # datagrams parsed per window; the rest of a flood costs a recvfrom each
 ANSWER_WINDOW_S = 1.0
 MAX_PENDING_ANSWERS = 64  # announce connections in flight, all requesters together
-MAX_PEERS = 1024  # peers remembered by name; the oldest sighting is forgotten first
+MAX_REQUESTERS_REMEMBERED = 4096  # requester addresses in the answer budget; older ones are forgotten
+MAX_PEERS = 1024  # peer addresses remembered with their name; the oldest sighting is forgotten first
+MAX_DROP_LOGS_PER_WINDOW = 10  # log lines for dropped datagrams per DROP_LOG_WINDOW_S; then a count
+DROP_LOG_WINDOW_S = 60.0
+OUTBOUND_SHARE = 4  # 1/4 of MAX_CONNECTIONS is kept for connections we open: inbound ones cannot starve them
+MAX_REFUSALS = 64  # refused connections being told why at once; beyond that they are just closed
+CLIENT_DISCARD_S = 5.0  # a client whose request was refused may finish writing it within this
 NETWORKS_TTL_S = 5.0  # how long the list of directly connected networks is trusted
 DEFAULT_DISCOVER_S = 1.0
 LISTEN_BACKLOG = 128
@@ -69,13 +80,47 @@ class StartupError(Exception):
 
 
 class Subscriber(Conn):
-    """A local client of the events socket: it reads, we write."""
+    """A local client of the events socket: it reads, we write. One that
+    falls more than MAX_SUBSCRIBER_BUFFER_BYTES behind gets a last event
+    saying how many it lost, and is dropped (§6.2)."""
 
     kind = "subscriber"
 
     def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
         super().__init__(daemon, sock)
         self.max_out = MAX_SUBSCRIBER_BUFFER_BYTES
+        self.lagging = False  # it fell behind and is being dropped
+        self.lost = 0  # events it did not get
+        self.told = False  # its last word is queued
+
+    def deliver(self, line: bytes) -> None:
+        if len(self.out) + len(line) > self.max_out:
+            self.drop_for_lagging()
+        else:
+            self.send_soon(line)
+
+    def drop_for_lagging(self) -> None:
+        """Keep the line being written, if any; what follows it goes unsent
+        and is counted; the last word says so."""
+        newline = self.out.find(b"\n")
+        unsent = self.out[newline + 1:] if newline >= 0 else self.out[:]
+        self.lagging = True
+        self.lost = unsent.count(b"\n") + 1
+        del self.out[len(self.out) - len(unsent):]
+        log.warning("events subscriber dropped: more than %d bytes behind", self.max_out)
+        self.daemon.subscribers.discard(self)  # no more events: only its last word, then it is closed
+        self.close_when_flushed = True
+        self.set_deadline(self.daemon.clock() + LAGGING_GRACE_S)
+        self.want_write(True)
+
+    def flush(self) -> None:
+        if self.lagging and not self.told:
+            # After the line in flight, the last word.
+            self.told = True
+            self.out += proto.encode_line({"event": "dropped", "code": "lagging", "lost": self.lost,
+                                           "message": f"more than {self.max_out} bytes behind; "
+                                                      f"{self.lost} events lost"})
+        super().flush()
 
     def on_readable(self) -> None:
         try:
@@ -87,13 +132,12 @@ class Subscriber(Conn):
         if not data:  # gone, or only done writing (`socat - ... < /dev/null`)
             if self.still_reading():
                 self.reading = False
-                self.want_write(bool(self.out))
+                self.want_write(bool(self.out) or self.lagging)
             else:
                 self.close()
 
     def on_overflow(self) -> None:
-        log.warning("events subscriber dropped: more than %d bytes behind", self.max_out)
-        self.close()
+        self.drop_for_lagging()
 
     def on_closed(self) -> None:
         self.daemon.subscribers.discard(self)
@@ -108,7 +152,8 @@ class ClientConn(Conn):
         super().__init__(daemon, sock)
         self.decoder = proto.LineDecoder()
         self.busy = False  # a request is being answered
-        self.job: Optional["OutboundPeer"] = None  # the exchange it waits on
+        self.job: Any = None  # the walk or exchange it waits on: has ``closed`` and ``abort``
+        self.discarding = False  # its line was refused: read and drop the rest, then close
 
     def on_readable(self) -> None:
         try:
@@ -117,6 +162,8 @@ class ClientConn(Conn):
             return
         except OSError:
             data = b""
+        if self.discarding and data:
+            return
         if not data:
             # A half-close (socat and nc do it at the end of their input) still
             # wants its answer. A client gone altogether (Ctrl-C) fails even a
@@ -135,9 +182,12 @@ class ClientConn(Conn):
         try:
             lines = self.decoder.feed(data)
         except proto.RemoteProtocolError as exc:
+            # Answered now, but read to its end: a client still writing would get
+            # a broken pipe instead of the answer if we closed at once.
             log.warning("command client dropped: %s", exc)
             self.fail(exc.code, exc.message)
-            self.close_after_flush()
+            self.discarding = True
+            self.set_deadline(self.daemon.clock() + CLIENT_DISCARD_S)
             return
         for line in lines:
             if self.busy:  # answered, but the request in flight goes on untouched
@@ -179,7 +229,9 @@ class ClientConn(Conn):
 
     def on_deadline(self) -> None:
         """A busy client that half-closed: is it still there to read its answer?"""
-        if not self.still_reading():
+        if self.discarding:
+            self.close()
+        elif not self.still_reading():
             self.close()  # and its job is cancelled
         elif self.busy:
             self.set_deadline(self.daemon.clock() + HALF_CLOSED_PROBE_S)
@@ -205,7 +257,7 @@ class PeerRecord:
     last_seen: float
 
 
-Found = Dict[Tuple[str, str], PeerRecord]  # peers by (name, address): duplicates merge
+Found = Dict[str, PeerRecord]  # peers by address: duplicates merge
 
 
 class Discovery:
@@ -281,19 +333,27 @@ class Daemon:
         self.nonce = nonce
         self.sel = selectors.DefaultSelector()
         self.timers = Timers()
-        self.store = Store(config.save_dir, config.temp_dir)
+        self.store = Store(config.save_dir, config.temp_dir, nonce())
         # One buffer for every read: from peer sockets, and of files being hashed.
         # Whatever reads into it is done with it before the loop moves on.
         self.recv_buf = bytearray(RECV_BYTES)
         self.recv_view = memoryview(self.recv_buf)
         self.subscribers: set = set()
-        self.copying: set = set()  # InboundPeers with files to copy into FILE_SAVE_DIR (Store.start_copy)
+        # Work done a slice per turn of the loop (copies into FILE_SAVE_DIR, walks of folders to send):
+        # owner -> its step. While any is due, the loop does not block.
+        self.turn_work: Dict[Any, Callable[[], None]] = {}
         self.transfers: Dict[str, PeerConn] = {}
-        self.peers: Dict[Tuple[str, str], PeerRecord] = {}
+        # Names learnt from answers to our own discoveries only, one per address (§5).
+        self.peers: Dict[str, PeerRecord] = {}
         self.discoveries: Dict[str, Discovery] = {}
         self.answered: Dict[str, Tuple[float, int]] = {}  # requester -> (window start, answers)
-        self.peer_count = 0
-        self.pending_answers = 0
+        self.answered_all = (-math.inf, 0)  # (window start, answers) for all requesters
+        self.parsed = (-math.inf, 0)  # (window start, datagrams parsed)
+        self.drop_logs = (-math.inf, 0, 0)  # (window start, lines logged, dropped unlogged)
+        self.peer_conns: set = set()  # every PeerConn, both directions
+        self.inbound: Dict[str, set] = {}  # address -> InboundPeers from it
+        self.refusals: set = set()  # connections being told why they were refused
+        self.answering: set = set()  # OutboundPeers answering a discovery
         self.ids = itertools.count(1)
         self.stopping = False
         self.socket_paths: List[str] = []
@@ -308,15 +368,12 @@ class Daemon:
     def start(self) -> None:
         """Open the four sockets, or raise StartupError with the reason."""
         cfg = self.config
-        for var, path in (("FILE_SAVE_DIR", cfg.save_dir), ("TEMP_DIR", cfg.temp_dir)):
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise StartupError(f"{var}={path}: cannot create it: {exc.strerror}") from None
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise StartupError(f"{var}={path}: not a writable folder")
-        ensure_descriptors(2 * cfg.max_connections + 64)  # a socket and a file each, and some
-        if os.stat(cfg.temp_dir).st_dev != os.stat(cfg.save_dir).st_dev:
+        try:
+            self.store.open(time.time())
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        ensure_descriptors(4 * cfg.max_connections + 64)  # a socket, a file and folders each, and some
+        if self.store.other_file_system():
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
                         "copied once more after it is verified, and needs room in both until then; "
                         "a TEMP_DIR beside FILE_SAVE_DIR saves that", cfg.temp_dir, cfg.save_dir)
@@ -399,6 +456,7 @@ class Daemon:
             listener.close()
         for path in self.socket_paths:
             remove_quietly(path)
+        self.store.close()
         self.sel.close()
 
     def say_goodbye(self, item: Any) -> None:
@@ -440,7 +498,7 @@ class Daemon:
         self.stopping = True
 
     def run_once(self) -> None:
-        wait = 0.0 if self.copying else self.timers.next_wait(self.clock())  # copies go on between events
+        wait = 0.0 if self.turn_work else self.timers.next_wait(self.clock())  # slices go on between events
         for key, mask in self.sel.select(wait):
             item = key.data
             if mask & selectors.EVENT_READ and not item.closed:
@@ -449,8 +507,8 @@ class Daemon:
                 self.guarded(item, item.on_writable)
         for item in self.timers.pop_due(self.clock()):
             self.guarded(item, item.on_deadline)
-        for item in list(self.copying):
-            self.guarded(item, item.step_copies)
+        for item, step in list(self.turn_work.items()):
+            self.guarded(item, step)
 
     def guarded(self, item: Any, callback: Callable[[], None]) -> None:
         """Run one callback; a bug costs the connection involved, not the daemon."""
@@ -472,14 +530,35 @@ class Daemon:
         sock, addr = self.accept(self.listeners[0].sock)
         if sock is None:
             return
-        if self.peer_count >= self.config.max_connections:
-            log.warning("refusing %s: %d connections open (MAX_CONNECTIONS)", addr[0], self.peer_count)
-            sock.close()
+        reason = self.refusal(addr[0])
+        if reason:
+            log.warning("refusing %s: %s", addr[0], reason)
+            if len(self.refusals) >= MAX_REFUSALS:
+                sock.close()  # being told costs a connection too: not more than this many at once
+            else:
+                self.sel.register(sock, selectors.EVENT_READ, Refusal(self, sock, "busy", reason))
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = InboundPeer(self, sock, addr[0])
         self.sel.register(sock, selectors.EVENT_READ, conn)
         conn.send(proto.encode_preface())  # both ends open with it (§2)
+
+    def refusal(self, address: str) -> str:
+        """Why a connection from ``address`` is not taken now, or ''."""
+        cfg = self.config
+        inbound = sum(len(conns) for conns in self.inbound.values())
+        if len(self.peer_conns) >= cfg.max_connections:
+            return f"{cfg.host_name} has {len(self.peer_conns)} connections open (MAX_CONNECTIONS)"
+        if inbound >= self.max_inbound():
+            return f"{cfg.host_name} takes {inbound} connections already (MAX_CONNECTIONS keeps the rest for its own)"
+        if len(self.inbound.get(address, ())) >= cfg.max_connections_per_peer:
+            return (f"{address} has {cfg.max_connections_per_peer} connections open to {cfg.host_name} "
+                    "(MAX_CONNECTIONS_PER_PEER)")
+        return ""
+
+    def max_inbound(self) -> int:
+        limit = self.config.max_connections
+        return max(limit - limit // OUTBOUND_SHARE, 1)
 
     def on_command_accept(self) -> None:
         sock, _ = self.accept(self.listeners[2].sock)
@@ -517,42 +596,76 @@ class Daemon:
             except OSError as exc:
                 log.warning("discovery socket: %s", exc.strerror)
                 return
+            # The cheap checks first: a flood costs a lookup per datagram, not a parse.
+            if not self.in_scope(host) or not self.may_parse():
+                continue
             try:
                 request = proto.decode_datagram(datagram)
             except proto.RemoteProtocolError as exc:
-                log.info("datagram from %s dropped: %s", host, exc)
+                self.log_dropped(host, exc)
                 continue
             if request.nonce in self.discoveries:
                 continue  # our own broadcast, heard back
             if self.may_answer(host):
                 self.answer(host, request)
 
-    def may_answer(self, host: str) -> bool:
-        """Rate and scope of discovery answers (§5): bounded per requester, never
-        to a network our bind address cannot belong to, never over UDP."""
+    def in_scope(self, host: str) -> bool:
+        """Whom we answer at all (§5): never a network our bind address cannot
+        belong to, never one we are not directly connected to."""
         ip = ipaddress.IPv4Address(host)
         if ip.is_multicast or ip.is_unspecified or host == "255.255.255.255":
             return False
         bind = ipaddress.IPv4Address(self.config.bind_address)
         if not bind.is_unspecified and ip.is_loopback != bind.is_loopback:
             return False
-        if not any(ip in network for network in self.local_networks()):
-            return False  # a spoofed source elsewhere would make us connect there
-        if self.pending_answers >= MAX_PENDING_ANSWERS:
-            return False
+        return any(ip in network for network in self.local_networks())  # a spoofed source elsewhere: no
+
+    def may_parse(self) -> bool:
+        """At most MAX_DATAGRAMS_PER_WINDOW datagrams are parsed per window."""
         now = self.clock()
-        start, count = self.answered.get(host, (now, 0))
+        start, count = self.parsed
         if now - start >= ANSWER_WINDOW_S:
             start, count = now, 0
-        if count >= MAX_ANSWERS_PER_WINDOW:
+        self.parsed = (start, count + 1)
+        return count < MAX_DATAGRAMS_PER_WINDOW
+
+    def may_answer(self, host: str) -> bool:
+        """At most MAX_ANSWERS_PER_WINDOW answers per requester per window,
+        MAX_ANSWERS_PER_WINDOW_ALL in all, MAX_PENDING_ANSWERS in flight."""
+        now = self.clock()
+        start, count = self.answered_all
+        if now - start >= ANSWER_WINDOW_S:
+            start, count = now, 0
+        if count >= MAX_ANSWERS_PER_WINDOW_ALL or len(self.answering) >= MAX_PENDING_ANSWERS:
             return False
-        if len(self.answered) > 4096:  # forget old requesters; spoofed floods must not grow this
+        start_one, count_one = self.answered.get(host, (now, 0))
+        if now - start_one >= ANSWER_WINDOW_S:
+            start_one, count_one = now, 0
+        if count_one >= MAX_ANSWERS_PER_WINDOW:
+            return False
+        if len(self.answered) >= MAX_REQUESTERS_REMEMBERED:  # spoofed floods must not grow this
             self.answered = {h: v for h, v in self.answered.items() if now - v[0] < ANSWER_WINDOW_S}
-        self.answered[host] = (start, count + 1)
+        self.answered[host] = (start_one, count_one + 1)
+        self.answered_all = (start, count + 1)
         return True
 
+    def log_dropped(self, host: str, exc: proto.RemoteProtocolError) -> None:
+        """A line per dropped datagram, MAX_DROP_LOGS_PER_WINDOW at most per window, then a count."""
+        now = self.clock()
+        start, logged, unlogged = self.drop_logs
+        if now - start >= DROP_LOG_WINDOW_S:
+            if unlogged:
+                log.info("%d more datagrams dropped in the last %g s", unlogged, now - start)
+            start, logged, unlogged = now, 0, 0
+        if logged < MAX_DROP_LOGS_PER_WINDOW:
+            log.info("datagram from %s dropped: %s", host, exc)
+            logged += 1
+        else:
+            unlogged += 1
+        self.drop_logs = (start, logged, unlogged)
+
     def answer(self, host: str, request: proto.DiscoveryRequest) -> None:
-        if self.peer_count < self.config.max_connections:
+        if len(self.peer_conns) < self.config.max_connections:
             try:
                 conn = OutboundPeer(self, host, proto.Announce(self.config.host_name, request.nonce))
             except OSError as exc:  # out of descriptors: an answer is not worth more
@@ -567,20 +680,23 @@ class Daemon:
             return
         line = proto.encode_line(event)
         for subscriber in list(self.subscribers):
-            subscriber.send_soon(line)
+            subscriber.deliver(line)
 
     def new_transfer_id(self) -> str:
         return str(next(self.ids))
 
-    def learn_peer(self, name: str, address: str, nonce: str = "") -> None:
+    def learn_peer(self, name: str, address: str, nonce: str) -> None:
+        """An answer to our discovery ``nonce``: ``address`` is called ``name``
+        (and no longer what it said before). Nothing else teaches names."""
+        discovery = self.discoveries.get(nonce)
+        if discovery is None:
+            return
         record = PeerRecord(name, address, self.clock())
-        self.peers.pop((name, address), None)
-        self.peers[(name, address)] = record  # dicts keep order: the oldest sighting comes first
+        self.peers.pop(address, None)
+        self.peers[address] = record  # dicts keep order: the oldest sighting comes first
         if len(self.peers) > MAX_PEERS:
             del self.peers[next(iter(self.peers))]
-        discovery = self.discoveries.get(nonce) if nonce else None
-        if discovery is not None:
-            discovery.found[(name, address)] = record
+        discovery.found[address] = record
 
     def local_networks(self) -> List[ipaddress.IPv4Network]:
         """The directly connected networks, asked again every few seconds."""
@@ -589,32 +705,6 @@ class Daemon:
             self.networks = local_networks()
             self.networks_until = now + NETWORKS_TTL_S
         return self.networks
-
-    def ensure_folders(self) -> None:
-        """TEMP_DIR and FILE_SAVE_DIR exist (made again, as at start, if they
-        were removed meanwhile), or proto.LocalProtocolError saying which and why."""
-        for var, code, folder in (("TEMP_DIR", "temp-failed", self.store.temp_dir),
-                                  ("FILE_SAVE_DIR", "save-failed", self.store.save_dir)):
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as exc:
-                raise proto.LocalProtocolError(code, f"{var}={folder}: cannot create it: {exc.strerror}") from None
-
-    def space_shortfall(self, size: int) -> str:
-        """'' if ``size`` bytes fit in TEMP_DIR and FILE_SAVE_DIR, else why not."""
-        folders = {self.store.temp_dir, self.store.save_dir}
-        devices: Dict[int, str] = {}
-        for folder in sorted(folders):
-            try:
-                devices.setdefault(os.stat(folder).st_dev, folder)
-            except OSError as exc:
-                return f"{folder}: {exc.strerror}"
-        for folder in devices.values():
-            fs = os.statvfs(folder)
-            free = fs.f_bavail * fs.f_frsize
-            if free < size:
-                return f"need {size} bytes, {free} free in {folder}"
-        return ""
 
     def discover(self, timeout: float, on_done: Callable[[Found], Any]) -> None:
         """Broadcast a request; call ``on_done(found)`` when the window closes."""
@@ -673,50 +763,6 @@ class Daemon:
                 return addresses
         return []
 
-    def entries_for(self, paths: List[str]) -> Tuple[List[Entry], List[str]]:
-        """The batch for ``paths``: files, and folders walked; plus what was skipped."""
-        entries: List[Entry] = []
-        skipped: List[str] = []
-        for path in paths:
-            if not os.path.isabs(path):
-                raise proto.LocalProtocolError("bad-request", f"{path}: give an absolute path")
-            try:
-                info = os.stat(path)
-            except OSError as exc:
-                raise proto.LocalProtocolError("file-error", f"{path}: {exc.strerror}") from None
-            except ValueError:  # a NUL, or a lone surrogate that no file name can hold
-                raise proto.LocalProtocolError("file-error", f"{printable(path)}: not a possible file name") from None
-            name = os.path.basename(os.path.normpath(path))
-            if stat.S_ISREG(info.st_mode):
-                entries.append(Entry(path, (checked_name(name, path),), info.st_size))
-            elif stat.S_ISDIR(info.st_mode):
-                self.walk_folder(path, (checked_name(name, path),), entries, skipped)
-            else:
-                raise proto.LocalProtocolError("file-error", f"{path}: not a regular file or folder")
-            if not os.access(path, os.R_OK):
-                raise proto.LocalProtocolError("file-error", f"{path}: permission denied")
-        if len(entries) > proto.MAX_ENTRIES:
-            raise proto.LocalProtocolError("file-error", f"more than {proto.MAX_ENTRIES} files and folders")
-        return entries, skipped
-
-    def walk_folder(self, root: str, parts: Tuple[str, ...], entries: List[Entry], skipped: List[str]) -> None:
-        entries.append(Entry("", parts, 0))
-        try:
-            children = sorted(os.scandir(root), key=lambda e: e.name)
-        except OSError as exc:
-            raise proto.LocalProtocolError("file-error", f"{root}: {exc.strerror}") from None
-        for child in children:
-            if child.is_symlink():
-                skipped.append(child.path)  # never followed: it may lead out of the tree
-            elif child.is_dir(follow_symlinks=False):
-                self.walk_folder(child.path, child_parts(parts, child), entries, skipped)
-            elif child.is_file(follow_symlinks=False):
-                size = child.stat(follow_symlinks=False).st_size
-                entries.append(Entry(child.path, child_parts(parts, child), size))
-            else:
-                skipped.append(child.path)  # sockets, fifos, devices
-
-
 def ensure_descriptors(wanted: int) -> None:
     """Raise the soft limit on open files towards ``wanted`` (up to the hard
     limit); say so when MAX_CONNECTIONS cannot all be served."""
@@ -735,20 +781,6 @@ def ensure_descriptors(wanted: int) -> None:
         pass
     if soft < wanted:
         log.warning("only %d open files allowed; MAX_CONNECTIONS wants about %d", soft, wanted)
-
-
-def child_parts(parts: Tuple[str, ...], child: os.DirEntry) -> Tuple[str, ...]:
-    """The wire path of a folder's child, checked as the receiver will (§4.2)."""
-    if len(parts) >= proto.MAX_PATH_PARTS:
-        raise proto.LocalProtocolError("file-error", f"{child.path}: deeper than {proto.MAX_PATH_PARTS} levels")
-    return parts + (checked_name(child.name, child.path),)
-
-
-def checked_name(name: str, path: str) -> str:
-    try:
-        return proto.check_file_name(name)
-    except proto.RemoteProtocolError as exc:
-        raise proto.LocalProtocolError("bad-name", f"{printable(path)}: {exc.message}; rename it to send it") from None
 
 
 def drain(sock: socket.socket) -> None:
@@ -802,7 +834,7 @@ def cmd_peers(daemon: Daemon, client: ClientConn, args: Dict[str, Any]) -> None:
     now = daemon.clock()
     peers = peer_list(daemon.peers.values())
     for item in peers:
-        item["seen_s_ago"] = round(now - daemon.peers[(item["name"], item["address"])].last_seen, 1)
+        item["seen_s_ago"] = round(now - daemon.peers[item["address"]].last_seen, 1)
     client.finish({"peers": peers})
 
 
@@ -812,21 +844,68 @@ def cmd_message(daemon: Daemon, client: ClientConn, args: Dict[str, Any]) -> Non
 
 
 def cmd_send(daemon: Daemon, client: ClientConn, args: Dict[str, Any]) -> None:
-    entries, skipped = daemon.entries_for(args["paths"])
-    for path in skipped:
-        client.reply({"event": "skipped", "path": path,
-                      "reason": "not a regular file or folder (links are never followed)"})
-    total = sum(entry.size for entry in entries)
-    first = proto.Offer(daemon.config.host_name, len(entries), total)
-    daemon.resolve(args["peer"], lambda address: open_peer(daemon, client, address, first, entries), client.fail)
+    job = WalkJob(daemon, client, Walk(args["paths"]), args["peer"])
+    client.job = job
+    daemon.turn_work[job] = job.step
+
+
+class WalkJob:
+    """A send request's folders walked a slice per turn of the loop (F6:
+    others are served meanwhile); then the peer is resolved and offered the batch."""
+
+    def __init__(self, daemon: Daemon, client: ClientConn, walk: Walk, peer: str) -> None:
+        self.daemon, self.client, self.walk, self.peer = daemon, client, walk, peer
+        self.closed = False
+        self.answered = False  # the client has its answer, or is gone
+
+    def label(self) -> str:
+        return "walk"
+
+    def step(self) -> None:
+        try:
+            done = self.walk.step()
+        except proto.LocalProtocolError as exc:
+            self.answered = True
+            self.close()
+            self.client.fail(exc.code, exc.message)
+            return
+        if done:
+            self.answered = True
+            self.close()
+            self.offer()
+
+    def offer(self) -> None:
+        client, walk, daemon = self.client, self.walk, self.daemon
+        client.job = None
+        for path in walk.skipped:
+            client.reply({"event": "skipped", "path": path,
+                          "reason": "not a regular file or folder (links are never followed)"})
+        if walk.skipped_count > len(walk.skipped):
+            client.reply({"event": "skipped", "path": "", "reason": f"and {walk.skipped_count - len(walk.skipped)} "
+                                                                     "more not shown"})
+        entries = walk.entries
+        first = proto.Offer(daemon.config.host_name, len(entries), entries.total)
+        daemon.resolve(self.peer, lambda address: open_peer(daemon, client, address, first, entries), client.fail)
+
+    def abort(self, code: str, message: str) -> None:
+        self.answered = True  # the client is gone: nothing to tell
+        self.close()
+
+    def close(self) -> None:
+        """End the walk; a client still waiting (after an internal error) is told."""
+        self.closed = True
+        self.daemon.turn_work.pop(self, None)
+        if not self.answered:
+            self.answered = True
+            self.client.fail("internal-error", "internal error while walking the files; see the daemon log")
 
 
 def open_peer(daemon: Daemon, client: ClientConn, address: str, first: Any,
-              entries: Optional[List[Entry]] = None) -> None:
+              entries: Optional[Entries] = None) -> None:
     if client.closed:
         return
-    if daemon.peer_count >= daemon.config.max_connections:
-        client.fail("busy", f"{daemon.peer_count} connections open (MAX_CONNECTIONS)")
+    if len(daemon.peer_conns) >= daemon.config.max_connections:
+        client.fail("busy", f"{len(daemon.peer_conns)} connections open (MAX_CONNECTIONS)")
         return
     try:
         conn = OutboundPeer(daemon, address, first, client, entries)

@@ -81,7 +81,7 @@ class Conn:
             while self.out:
                 sent = self.sock.send(self.out)
                 del self.out[:sent]
-                self.on_progress_out()
+                self.on_progress_out(sent)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
@@ -107,7 +107,7 @@ class Conn:
     def wants_more_output(self) -> bool:
         return False
 
-    def on_progress_out(self) -> None:
+    def on_progress_out(self, sent: int) -> None:
         pass
 
     def on_writable(self) -> None:

@@ -10,6 +10,7 @@ discovery, deliver a message, or stream a batch with ``sendfile``).
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import logging
@@ -17,36 +18,36 @@ import math
 import os
 import selectors
 import socket
-import tempfile
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+import stat
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import protocol as proto
 from .loop import Conn
-from .store import Copy, remove_quietly, write_all
+from .store import Copy, TempFile, write_all
 from .util import printable
+from .walk import Entries
 
 if TYPE_CHECKING:
     from .daemon import ClientConn, Daemon
 
 log = logging.getLogger("tnet")
 
-RECV_BYTES = 1024 * 1024  # one preallocated receive buffer, reused for every read
+RECV_BYTES = 1024 * 1024  # one preallocated receive buffer, reused for every read of file bytes
+# Frames are read in smaller bites: 64 KiB of the smallest frames is ~1,500 entries (folders made,
+# tiny files placed), tens of milliseconds; a 1 MiB read of them would hold the loop for a second.
+FRAME_RECV_BYTES = 64 * 1024
+MIN_PROGRESS_BYTES = 4096  # a peer mid-exchange moves at least this much per IDLE_TIMEOUT, or is dropped
+MAX_QUEUED_COPIES = 16  # files of one batch waiting to be copied in from another file system; then stop reading
 SEND_CHUNK_BYTES = 4 * 1024 * 1024  # at most this per sendfile call
 INLINE_FILE_BYTES = 64 * 1024  # smaller files are read into the send buffer: batches
 MAX_OUT_BUFFER_BYTES = 256 * 1024  # stop queueing frames for a peer, and reading from it, beyond this
 LINGER_S = 2.0  # after an error frame, how long we wait for the peer to read it
 MAX_DRAIN_READS = 64  # reads of what a reset peer left queued, looking for its error frame
 PROGRESS_INTERVAL_S = 0.25  # progress events per transfer, at most four a second
+HEADER_COST_BYTES = 64  # what a frame counts for in a wake-up's sending budget
 
-
-@dataclass
-class Entry:
-    """One file or folder of an outgoing batch."""
-
-    path: str  # local path; "" for a folder
-    parts: Tuple[str, ...]  # its name on the wire
-    size: int
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class PeerConn(Conn):
@@ -74,15 +75,18 @@ class PeerConn(Conn):
         self.current_from = 0  # bytes_done when the file in flight started
         self.progress_at = -math.inf
         self.batching = False  # inside on_readable's event loop: send() only queues
-        daemon.peer_count += 1
+        self.moved = 0  # bytes moved since the idle deadline was last pushed back
+        daemon.peer_conns.add(self)
 
     def label(self) -> str:
         return f"{self.address}"
 
     def on_readable(self) -> None:
         conn_buf = self.daemon.recv_buf
+        # Big reads only inside a file: what one read of frames costs the loop stays bounded.
+        size = RECV_BYTES if self.decoder.data_remaining >= FRAME_RECV_BYTES else FRAME_RECV_BYTES
         try:
-            n = self.sock.recv_into(conn_buf)
+            n = self.sock.recv_into(conn_buf, size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -100,7 +104,7 @@ class PeerConn(Conn):
         except proto.RemoteProtocolError as exc:
             self.abort(exc.code, exc.message)
             return
-        self.touch()
+        self.on_received(n)
         self.batching = True  # answers to these events leave in one write, below
         try:
             for event in events:
@@ -129,13 +133,21 @@ class PeerConn(Conn):
                 self.flush()
         super().close()
 
-    def touch(self) -> None:
-        """The peer is alive: push the idle deadline back. Until it has opened
-        the exchange, the handshake deadline stands, however it trickles."""
-        if not self.lingering and self.decoder.opened:
+    def touch(self, moved: int = MIN_PROGRESS_BYTES) -> None:
+        """The exchange moved ``moved`` bytes (no count: an answer, a decision,
+        work of ours). Each MIN_PROGRESS_BYTES of them push the idle deadline
+        back, so a peer that trickles a byte now and then is dropped all the
+        same. Until the peer has opened the exchange, the handshake deadline
+        stands, however it trickles."""
+        if self.lingering or not self.decoder.opened:
+            return
+        self.moved += moved
+        if self.moved >= MIN_PROGRESS_BYTES:
+            self.moved = 0
             self.set_deadline(self.daemon.clock() + self.daemon.config.idle_timeout)
 
-    def on_progress_out(self) -> None:
+    def on_received(self, count: int) -> None:
+        """``count`` bytes came in (0: EOF) and were decoded."""
         self.touch()
 
     def on_event(self, event: Any) -> None:
@@ -167,7 +179,8 @@ class PeerConn(Conn):
         if self.lingering:
             self.close()
             return
-        self.end_failed("timeout", f"{self.address} was silent for {self.daemon.config.idle_timeout:g} s")
+        self.end_failed("timeout", f"{self.address} moved less than {MIN_PROGRESS_BYTES} bytes in "
+                                   f"{self.daemon.config.idle_timeout:g} s")
         self.close()
 
     def abort(self, code: str, message: str) -> None:
@@ -191,12 +204,18 @@ class PeerConn(Conn):
             return
         if self.lingering and not self.out and not self.write_shut:
             self.shutdown_write()
-        # A peer that does not read our answers gets nothing more read from it:
-        # what we queue for it stays bounded.
-        reading = len(self.out) <= MAX_OUT_BUFFER_BYTES
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """A peer that does not read our answers gets nothing more read from
+        it, nor one whose files wait for us: what we owe it stays bounded."""
+        reading = len(self.out) <= MAX_OUT_BUFFER_BYTES and not self.backlogged()
         if reading != self.reading:
             self.reading = reading
             self.want_write(bool(self.out) or self.wants_more_output())
+
+    def backlogged(self) -> bool:
+        return False
 
     def shutdown_write(self) -> None:
         self.write_shut = True
@@ -217,7 +236,7 @@ class PeerConn(Conn):
         self.daemon.publish({"event": "error", "peer": self.address, "code": code, "message": message})
 
     def on_closed(self) -> None:
-        self.daemon.peer_count -= 1
+        self.daemon.peer_conns.discard(self)
         if self.result is None and self.id:
             self.end_failed("peer-gone", f"connection to {self.address} closed")
         self.daemon.transfers.pop(self.id, None)
@@ -263,23 +282,30 @@ class InboundPeer(PeerConn):
 
     def __init__(self, daemon: "Daemon", sock: socket.socket, address: str) -> None:
         super().__init__(daemon, sock, address)
+        daemon.inbound.setdefault(address, set()).add(self)
         self.set_deadline(daemon.clock() + daemon.config.handshake_timeout)
         self.offer: Optional[proto.Offer] = None
         self.awaiting_decision = False
         self.entries_done = 0
         self.files_saved = 0
         self.first_failure: Optional[Tuple[str, str]] = None  # (code, message) of the first failed entry
-        self.tops: Dict[str, str] = {}  # top folder as sent -> as saved
-        self.temp_path = ""
-        self.temp_fd = -1
+        self.batch = daemon.store.new_batch()
+        self.temp: Optional[TempFile] = None  # the file in flight
         self.hasher: Any = None
         self.header: Optional[proto.FileHeader] = None
-        self.copies: Dict[int, Tuple[Copy, proto.FileHeader, str]] = {}  # by entry: copy, header, sha256
+        # Files being copied into place from another file system, one at a time, in order: entry, copy, header, sha256
+        self.copies: Deque[Tuple[int, Copy, proto.FileHeader, str]] = collections.deque()
         self.told_wait_at = -math.inf  # when the sender was last told to wait for a copy
 
-    def touch(self) -> None:
+    def touch(self, moved: int = MIN_PROGRESS_BYTES) -> None:
         if not self.awaiting_decision:
-            super().touch()
+            super().touch(moved)
+
+    def on_received(self, count: int) -> None:
+        self.touch(count)  # a sender owes us bytes: only enough of them keep it alive
+
+    def backlogged(self) -> bool:
+        return len(self.copies) >= MAX_QUEUED_COPIES
 
     def on_event(self, event: Any) -> None:
         handler = self._HANDLERS.get(type(event))
@@ -296,7 +322,6 @@ class InboundPeer(PeerConn):
         if not self.daemon.config.allows(self.address):
             self.abort("refused", f"{self.daemon.config.host_name} does not take messages from {self.address}")
             return
-        self.daemon.learn_peer(event.name, self.address)
         self.daemon.publish({"event": "message", "peer": self.address, "name": event.name, "text": event.text})
         self.send(proto.encode_frame(proto.Ack(self.daemon.config.host_name)))
 
@@ -306,13 +331,12 @@ class InboundPeer(PeerConn):
         if not daemon.config.allows(self.address):
             self.abort("refused", f"{daemon.config.host_name} does not take files from {self.address}")
             return
-        daemon.learn_peer(event.name, self.address)
         try:
-            daemon.ensure_folders()
+            daemon.store.check_folders()
         except proto.LocalProtocolError as exc:
             self.abort(exc.code, f"on {daemon.config.host_name}: {exc.message}")
             return
-        shortfall = daemon.space_shortfall(event.size)
+        shortfall = daemon.store.shortfall(event.size, event.entries)
         if shortfall:
             self.abort("no-space", f"not enough space on {daemon.config.host_name}: {shortfall}")
             return
@@ -356,11 +380,11 @@ class InboundPeer(PeerConn):
         self.header = event
         self.start_file("/".join(event.path), event.size)
         try:
-            self.temp_fd, self.temp_path = tempfile.mkstemp(
-                prefix=".tnet-", suffix=".part", dir=self.daemon.config.temp_dir
-            )
+            self.temp = self.daemon.store.new_temp()
         except OSError as exc:
-            self.abort("temp-failed", f"cannot create a temp file in TEMP_DIR: {exc.strerror}")
+            code = "disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "temp-failed"
+            self.abort(code, f"cannot create a temp file in TEMP_DIR on {self.daemon.config.host_name}: "
+                             f"{exc.strerror}")
             return
         self.hasher = hashlib.sha256()
         self.report_progress(None, self.daemon.config.report_progress_in, force=True)
@@ -369,7 +393,7 @@ class InboundPeer(PeerConn):
         data = event.data
         self.hasher.update(data)
         try:
-            write_all(self.temp_fd, data)
+            write_all(self.temp.fd, data)  # type: ignore[union-attr]  # the decoder sends data only after `file`
         except OSError as exc:
             code = "disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write-failed"
             self.abort(code, f"writing {self.current} on {self.daemon.config.host_name}: {exc.strerror}")
@@ -378,26 +402,25 @@ class InboundPeer(PeerConn):
         self.report_progress(None, self.daemon.config.report_progress_in)
 
     def _on_end(self, event: proto.FileEnd) -> None:
-        header = self.header
-        assert header is not None  # the decoder sends `end` only after `file`
-        self.close_temp()
+        header, temp = self.header, self.temp
+        assert header is not None and temp is not None  # the decoder sends `end` only after `file`
+        self.temp = None
         if self.hasher.hexdigest() != event.sha256:
-            self.discard_temp()
+            temp.discard()
             self.entry_failed(header.index, self.current, "verify-failed", f"{self.current}: SHA-256 does not match")
             return
         try:
-            saved = self.daemon.store.place_file(self.temp_path, header.path, self.tops)
+            saved = self.batch.place(temp, header.path)
             if saved is None:  # TEMP_DIR is on another file system: copy, a slice per turn of the loop
-                copy = self.daemon.store.start_copy(self.temp_path, header.path, self.tops)
+                self.copies.append((header.index, self.batch.start_copy(temp, header.path), header, event.sha256))
         except OSError as exc:
-            self.discard_temp()
+            temp.discard()
             self.entry_failed(header.index, self.current, "save-failed", f"{self.current}: {exc.strerror or exc}")
             return
-        self.temp_path = ""
         if saved is None:
-            self.copies[header.index] = (copy, header, event.sha256)
-            self.daemon.copying.add(self)
+            self.daemon.turn_work[self] = self.step_copies
             self.keep_sender_waiting()
+            self.update_reading()
             return
         self.file_saved(header, saved, event.sha256)
 
@@ -418,28 +441,31 @@ class InboundPeer(PeerConn):
             self.send(proto.encode_frame(proto.Wait(min(math.ceil(idle), proto.MAX_WAIT_S))))
 
     def step_copies(self) -> None:
-        """One slice of each file being copied into FILE_SAVE_DIR (see Store.start_copy)."""
+        """One slice of the first file being copied into FILE_SAVE_DIR (see Batch.start_copy)."""
         self.touch()  # busy on our side: the sender waits for these results, silent
         self.keep_sender_waiting()
-        for index, (copy, header, sha256) in list(self.copies.items()):
-            try:
-                finished = copy.step()
-            except OSError as exc:
-                del self.copies[index]
-                copy.abandon()
-                name = "/".join(header.path)
-                code = "disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "save-failed"
-                self.entry_failed(index, name, code, f"{name}: {exc.strerror or exc}")
-                continue
+        index, copy, header, sha256 = self.copies[0]
+        try:
+            finished = copy.step()
+        except OSError as exc:
+            self.copies.popleft()
+            copy.abandon()
+            name = "/".join(header.path)
+            code = "disk-full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "save-failed"
+            self.entry_failed(index, name, code, f"{name}: {exc.strerror or exc}")
+            finished = False
+        else:
             if finished:
-                del self.copies[index]
+                self.copies.popleft()
                 self.file_saved(header, copy.target, sha256)
         if not self.copies:
-            self.daemon.copying.discard(self)
+            self.daemon.turn_work.pop(self, None)
+        if not self.closed:
+            self.update_reading()
 
     def _on_folder(self, event: proto.Folder) -> None:
         try:
-            self.daemon.store.folder_for(event.path, self.tops)
+            self.batch.folder(event.path)
         except OSError as exc:
             name = "/".join(event.path)
             self.entry_failed(event.index, name, "save-failed", f"{name}: {exc.strerror or exc}")
@@ -498,16 +524,10 @@ class InboundPeer(PeerConn):
     def on_eof(self) -> None:
         self.close()  # after a message, an announce, or a whole batch
 
-    def close_temp(self) -> None:
-        if self.temp_fd >= 0:
-            os.close(self.temp_fd)
-            self.temp_fd = -1
-
     def discard_temp(self) -> None:
-        self.close_temp()
-        if self.temp_path:
-            remove_quietly(self.temp_path)
-            self.temp_path = ""
+        if self.temp is not None:
+            self.temp.discard()
+            self.temp = None
 
     def on_failed(self, code: str, message: str) -> None:
         self.discard_temp()
@@ -520,15 +540,21 @@ class InboundPeer(PeerConn):
 
     def on_closed(self) -> None:
         super().on_closed()
+        same_address = self.daemon.inbound.get(self.address)
+        if same_address is not None:
+            same_address.discard(self)
+            if not same_address:
+                del self.daemon.inbound[self.address]
         self.discard_temp()
         self.drop_copies()
+        self.batch.close()
 
     def drop_copies(self) -> None:
         """The sender will hear no `done` for these files: nothing of them stays."""
-        for copy, _, _ in self.copies.values():
+        for _, copy, _, _ in self.copies:
             copy.abandon()
         self.copies.clear()
-        self.daemon.copying.discard(self)
+        self.daemon.turn_work.pop(self, None)
 
 
 class OutboundPeer(PeerConn):
@@ -538,30 +564,35 @@ class OutboundPeer(PeerConn):
     role = "initiator"
 
     def __init__(self, daemon: "Daemon", address: str, first: Any,
-                 client: Optional[ClientConn] = None, entries: Optional[List[Entry]] = None) -> None:
+                 client: Optional[ClientConn] = None, entries: Optional[Entries] = None) -> None:
         super().__init__(daemon, socket.socket(socket.AF_INET, socket.SOCK_STREAM), address)
         self.first = first  # the frame that opens the exchange
         self.client = client
-        self.entries = entries or []
+        self.entries = entries if entries is not None else Entries()
         self.connected = False
         self.next_entry = 0
-        self.results: Dict[int, Dict[str, Any]] = {}
+        self.answered = bytearray(len(self.entries))  # 1 once the receiver answered that entry
+        self.answers = 0
+        self.failures = 0
+        self.first_failure: Optional[Tuple[str, str]] = None  # (code, message)
         self.streaming = False
         self.file_fd = -1  # sendfile source (at explicit offsets); read in order for the hash
         self.hasher: Any = None
-        self.entry: Optional[Entry] = None
+        self.entry: Optional[int] = None  # index of the file in flight
+        self.entry_size = 0
+        self.entry_path = ""  # its local path
         self.sent = 0  # bytes of the current file on the wire
         self.stat: Optional[os.stat_result] = None
         self.use_sendfile = hasattr(os, "sendfile")
         self.events = 0  # registered by connect()
-        self.total = sum(entry.size for entry in self.entries)
+        self.total = self.entries.total
         if client is not None:
             client.job = self
         if isinstance(first, proto.Offer):
             self.id = daemon.new_transfer_id()
             daemon.transfers[self.id] = self
         elif isinstance(first, proto.Announce):
-            daemon.pending_answers += 1
+            daemon.answering.add(self)
 
     def connect(self, port: int) -> None:
         """Start a non-blocking connect from BIND_ADDRESS; ``on_writable`` ends it."""
@@ -632,20 +663,21 @@ class OutboundPeer(PeerConn):
     def wants_more_output(self) -> bool:
         return self.streaming or not self.connected
 
+    def on_progress_out(self, sent: int) -> None:
+        self.touch(sent)  # the receiver reads: enough of that keeps us both alive
+
     # -- what the receiver says
 
     def on_event(self, event: Any) -> None:
         if isinstance(event, proto.Ack) and isinstance(self.first, proto.Message):
             self.result = ("ok", "")
-            self.daemon.learn_peer(event.name, self.address)
             if self.client:
                 self.client.finish({"peer": self.address, "name": event.name})
             self.close()
         elif isinstance(event, proto.Accept) and isinstance(self.first, proto.Offer) and not self.streaming \
                 and self.next_entry == 0:
             self.streaming = True
-            self.peer_name = event.name
-            self.daemon.learn_peer(event.name, self.address)
+            self.peer_name = event.name  # shown, never learnt: names come from discovery answers alone (§5)
             self.started = self.daemon.clock()
             self.touch()
             self.daemon.publish(dict(self.describe(), event="transfer-started", entries=len(self.entries)))
@@ -665,34 +697,37 @@ class OutboundPeer(PeerConn):
         return isinstance(self.first, proto.Offer) and (self.streaming or self.next_entry > 0)
 
     def on_result(self, event: Any) -> None:
-        if event.index >= self.next_entry or event.index in self.results:
+        if event.index >= self.next_entry or self.answered[event.index]:
             self.abort("unexpected-frame", f"result for entry {event.index}, which was not sent or is answered")
             return
-        entry = self.entries[event.index]
-        name = "/".join(entry.parts)
+        entries, index = self.entries, event.index
+        self.answered[index] = 1
+        self.answers += 1
+        name = "/".join(entries.parts(index))
         if isinstance(event, proto.Done):
-            result = {"event": "file-done", "file": name, "size": entry.size, "folder": not entry.path}
+            result = {"event": "file-done", "file": name, "size": entries.size(index),
+                      "folder": entries.is_folder(index)}
         else:
-            result = {"event": "file-failed", "file": name, "size": entry.size, "code": event.code,
+            result = {"event": "file-failed", "file": name, "size": entries.size(index), "code": event.code,
                       "error": event.message}
-        self.results[event.index] = result
+            self.failures += 1
+            if self.first_failure is None:
+                self.first_failure = (event.code, event.message)
         if self.client:
             self.client.reply(dict(result, id=self.id))
-        if len(self.results) == len(self.entries):
+        if self.answers == len(entries):
             self.complete()
 
     def complete(self) -> None:
         seconds = self.daemon.clock() - self.started
-        failures = [r for r in self.results.values() if r["event"] == "file-failed"]
         summary = {"id": self.id, "direction": "out", "peer": self.address, "name": self.peer_name,
                    "files": len(self.entries), "bytes": self.total, "seconds": round(seconds, 3)}
-        if failures:
-            first = failures[0]
-            self.result = (first["code"], first["error"])
-            self.daemon.publish(dict(summary, event="transfer-failed", code=first["code"], message=first["error"]))
+        if self.first_failure is not None:
+            code, message = self.first_failure
+            self.result = self.first_failure
+            self.daemon.publish(dict(summary, event="transfer-failed", code=code, message=message))
             if self.client:
-                self.client.fail(first["code"], f"{len(failures)} of {len(self.entries)} failed; first: "
-                                 f"{first['error']}", **summary)
+                self.client.fail(code, f"{self.failures} of {len(self.entries)} failed; first: {message}", **summary)
         else:
             self.result = ("ok", "")
             self.daemon.publish(dict(summary, event="transfer-done"))
@@ -722,43 +757,58 @@ class OutboundPeer(PeerConn):
         except OSError as exc:
             self.fail_io(exc)
             return 0
-        if self.entry is not None and self.sent == self.entry.size and not (self.closed or self.lingering):
+        if self.entry is not None and self.sent == self.entry_size and not (self.closed or self.lingering):
             self.finish_entry()
         return max(step, 1)
 
     def start_entry(self) -> int:
-        entry = self.entries[self.next_entry]
-        index = self.next_entry
+        entries, index = self.entries, self.next_entry
         self.next_entry += 1
-        self.start_file("/".join(entry.parts), entry.size)
-        if not entry.path:
-            self.out += proto.encode_frame(proto.Folder(index, entry.parts))
-            return 64
+        parts, size = entries.parts(index), entries.size(index)
+        self.start_file("/".join(parts), size)
+        if entries.is_folder(index):
+            self.out += proto.encode_frame(proto.Folder(index, parts))
+            return HEADER_COST_BYTES
+        path = entries.local_path(index)
         try:
-            self.file_fd = os.open(entry.path, os.O_RDONLY)
+            # Never blocks (a FIFO swapped in would hold the loop until someone
+            # opens it) and never follows a link swapped in since the walk.
+            self.file_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
             self.stat = os.fstat(self.file_fd)
         except OSError as exc:
             self.close_file()
-            self.abort("file-error", f"cannot read {entry.path}: {exc.strerror}")
+            if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO, errno.ENOTDIR):
+                return self.disown(index, parts, f"{path} was replaced or removed since the walk ({exc.strerror})")
+            self.abort("file-error", f"cannot read {path}: {exc.strerror}")
             return 0
-        if self.stat.st_size != entry.size:
-            self.abort("file-changed", f"{entry.path} changed size since the offer")
-            return 0
-        self.entry, self.sent, self.hasher = entry, 0, hashlib.sha256()
-        self.out += proto.encode_frame(proto.FileHeader(index, entry.parts, entry.size))
-        if entry.size <= INLINE_FILE_BYTES:  # stream_step finishes it at once
-            self.read_for_hash(entry.size, self.out)
-            self.sent = entry.size
-            self.bytes_done += entry.size
-            return 64 + entry.size
+        if not stat.S_ISREG(self.stat.st_mode):
+            self.close_file()
+            return self.disown(index, parts, f"{path} is no longer a regular file")
+        if self.stat.st_size != size:
+            self.close_file()
+            return self.disown(index, parts, f"{path} changed size since the offer")
+        self.entry, self.entry_size, self.entry_path = index, size, path
+        self.sent, self.hasher = 0, hashlib.sha256()
+        self.out += proto.encode_frame(proto.FileHeader(index, parts, size))
+        if size <= INLINE_FILE_BYTES:  # stream_step finishes it at once
+            self.read_for_hash(size, self.out)
+            self.sent = size
+            self.bytes_done += size
+            return HEADER_COST_BYTES + size
         self.report_progress(self.client, self.daemon.config.report_progress_out, force=True)  # a 0% line
-        return 64
+        return HEADER_COST_BYTES
+
+    def disown(self, index: int, parts: Tuple[str, ...], reason: str) -> int:
+        """An entry that cannot be sent as offered fails alone: a header with
+        no bytes, then `failed` in place of its `end` (§4.2)."""
+        self.bytes_done += self.entries.size(index)
+        self.out += proto.encode_frame(proto.FileHeader(index, parts, 0))
+        self.out += proto.encode_frame(proto.Failed(index, "file-changed", proto.clip_text(reason)))
+        return HEADER_COST_BYTES
 
     def send_file_piece(self) -> int:
         """One sendfile (or read and send) of the current file; hashes what went."""
-        entry = self.entry
-        assert entry is not None
-        count = min(SEND_CHUNK_BYTES, entry.size - self.sent)
+        count = min(SEND_CHUNK_BYTES, self.entry_size - self.sent)
         if self.use_sendfile:
             try:
                 sent = os.sendfile(self.sock.fileno(), self.file_fd, self.sent, count)
@@ -773,9 +823,10 @@ class OutboundPeer(PeerConn):
             self.read_for_hash(count, self.out)  # hashed and read: it must go, with the next flush
             sent = len(self.out) - before
         if sent == 0 and count:
-            raise proto.LocalProtocolError("file-changed", f"{entry.path} shrank while being sent")
+            raise proto.LocalProtocolError("file-changed", f"{self.entry_path} shrank while being sent")
         self.sent += sent
         self.bytes_done += sent
+        self.touch(sent)
         self.report_progress(self.client, self.daemon.config.report_progress_out)
         return sent
 
@@ -797,14 +848,12 @@ class OutboundPeer(PeerConn):
             count -= n
 
     def finish_entry(self) -> None:
-        entry = self.entry
-        assert entry is not None and self.stat is not None
+        assert self.entry is not None and self.stat is not None
         now = os.fstat(self.file_fd)
         changed = (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns)
-        index = self.next_entry - 1
         if changed:
             reason = proto.clip_text(f"{self.current} changed while being sent")
-            self.out += proto.encode_frame(proto.Failed(index, "file-changed", reason))
+            self.out += proto.encode_frame(proto.Failed(self.entry, "file-changed", reason))
         else:
             self.out += proto.encode_frame(proto.FileEnd(self.hasher.hexdigest()))
         self.close_file()
@@ -829,7 +878,7 @@ class OutboundPeer(PeerConn):
             log.info("to %s: %s: %s", self.address, code, printable(message))
 
     def abort(self, code: str, message: str) -> None:
-        unframed = not self.connected or (self.entry is not None and self.sent < self.entry.size)
+        unframed = not self.connected or (self.entry is not None and self.sent < self.entry_size)
         if unframed and not self.closed:
             # Before the preface, or mid-file, an error frame would be read as
             # garbage or as file bytes (§4.3): just close; a receiver mid-file
@@ -842,5 +891,34 @@ class OutboundPeer(PeerConn):
     def on_closed(self) -> None:
         super().on_closed()
         self.close_file()
-        if isinstance(self.first, proto.Announce):
-            self.daemon.pending_answers -= 1
+        self.daemon.answering.discard(self)
+
+
+class Refusal(Conn):
+    """A connection we do not take (too many open, or from its address): it
+    is told why in an error frame, as a refused offer would be (§4.3), and
+    closed once the peer closed or LINGER_S passed."""
+
+    def __init__(self, daemon: "Daemon", sock: socket.socket, code: str, message: str) -> None:
+        super().__init__(daemon, sock)
+        daemon.refusals.add(self)
+        self.set_deadline(daemon.clock() + LINGER_S)
+        self.send(proto.encode_preface() + proto.encode_frame(proto.Error(code, proto.clip_text(message))))
+        if not self.closed and not self.out:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(FRAME_RECV_BYTES)  # read and dropped: a close with it unread would reset
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+
+    def on_closed(self) -> None:
+        self.daemon.refusals.discard(self)

@@ -340,15 +340,25 @@ def _check_nonce(nonce: str) -> str:
     return nonce
 
 
-def _parse_json_object(payload: bytes, what: str) -> Dict[str, Any]:
+def _object_without_repeats(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # which one counts would be the parser's whim, not the sender's
+        raise ValueError("a key is repeated")
+    return obj
+
+
+_json_decode = json.JSONDecoder(object_pairs_hook=_object_without_repeats).decode
+
+
+def _parse_json_object(payload: Union[bytes, memoryview], what: str) -> Dict[str, Any]:
     try:
         # Bytes that are not UTF-8 become lone surrogates, so that inside a
         # string they are refused by the check of that field (a name is then
         # `bad-name`, as when the sender escaped a surrogate) and elsewhere
         # they are not JSON.
-        obj = json.loads(bytes(payload).decode("utf-8", "surrogateescape"))
+        obj = _json_decode(bytes(payload).decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nesting
-        raise RemoteProtocolError("bad-json", f"{what} is not valid UTF-8 JSON") from None
+        raise RemoteProtocolError("bad-json", f"{what} is not valid UTF-8 JSON with each key once") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("bad-json", f"{what} is not a JSON object")
     return obj
@@ -403,6 +413,7 @@ class StreamDecoder:
         self._buf = bytearray()
         self._data_left = 0  # raw bytes still due for the current file
         self._entries_left = 0  # entries still due in the accepted batch
+        self._next_index = 0  # entries come in order: 0, 1, ... (§4.1)
         self._bytes_left = 0  # of the size the offer announced
         self._expect_end = False
         self._first = True  # the acceptor's first frame decides the connection
@@ -548,6 +559,9 @@ class StreamDecoder:
             self._entries_left, self._bytes_left = event.entries, event.size
             self._awaiting_accept = True
         elif isinstance(event, (FileHeader, Folder)):
+            if event.index != self._next_index:
+                raise RemoteProtocolError("bad-index", f"entry {event.index} where entry {self._next_index} was due")
+            self._next_index += 1
             self._entries_left -= 1
         if isinstance(event, FileHeader):
             if event.size > self._bytes_left:  # the offer's size was checked against free space

@@ -28,6 +28,8 @@ HOST_NAME              the host name               the name this daemon announce
 IDLE_TIMEOUT           30                          seconds a peer may stay silent mid-exchange
 HANDSHAKE_TIMEOUT      10                          seconds a new connection has to say who it is
 MAX_CONNECTIONS        512                         open TCP connections, both directions
+                                                   (a quarter kept for the ones we open)
+MAX_CONNECTIONS_PER_PEER  32                       TCP connections one address may open to us
 ACCEPT                 auto                        auto: take every offer; ask: wait for
                                                    `tnet accept ID` / `tnet decline ID`
 ASK_TIMEOUT            120                         seconds an offer waits in ask mode
@@ -77,6 +79,7 @@ class Config:
     idle_timeout: float = 30.0
     handshake_timeout: float = 10.0
     max_connections: int = 512
+    max_connections_per_peer: int = 32
     accept: str = "auto"
     ask_timeout: float = 120.0
     allow_from: Tuple[ipaddress.IPv4Network, ...] = ()
@@ -190,6 +193,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         "IDLE_TIMEOUT": ("idle_timeout", parse_seconds),
         "HANDSHAKE_TIMEOUT": ("handshake_timeout", parse_seconds),
         "MAX_CONNECTIONS": ("max_connections", lambda n, t: parse_int(n, t, 1, 65536)),
+        "MAX_CONNECTIONS_PER_PEER": ("max_connections_per_peer", lambda n, t: parse_int(n, t, 1, 65536)),
         "ACCEPT": ("accept", lambda n, t: parse_choice(n, t, ("auto", "ask"))),
         "ASK_TIMEOUT": ("ask_timeout", parse_seconds),
         "ALLOW_FROM": ("allow_from", parse_network_list),
