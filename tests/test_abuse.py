@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import crafted
 from conftest import read_answers, wait_until
 
 from tnet import protocol as p
@@ -23,7 +24,7 @@ class RawPeer:
 
     def __init__(self, daemon) -> None:
         self.sock = socket.create_connection((daemon.address, PORT), timeout=30)
-        self.decoder = p.StreamDecoder("initiator")
+        self.decoder = crafted.Decoder()
 
     def __enter__(self) -> "RawPeer":
         return self

@@ -23,7 +23,8 @@ from conftest import next_address, read_answers, temp_files, wait_until
 from test_hostile import Requester, wait_until_quiet
 from test_loopback_faults import first_answer, small_disk, small_transfer_works  # noqa: F401 (a fixture)
 
-from tnet import daemon as tnet_daemon
+from tnet import api
+from tnet import discovery as tnet_discovery
 from tnet import protocol as proto
 from tnet.store import WORK_PREFIX
 
@@ -461,10 +462,10 @@ def test_f9_a_spoofed_discovery_flood_gets_a_bounded_number_of_answers(net):
 
         wait_until(sentinel_answered, what="an answer to the sentinel")
         total = sum(r.collect() for r in requesters[:-1])
-        windows = int((time.monotonic() - started) / tnet_daemon.ANSWER_WINDOW_S) + 2
+        windows = int((time.monotonic() - started) / tnet_discovery.ANSWER_WINDOW_S) + 2
         print(f"\n2,000 requests from 100 addresses in {sent - started:.2f} s: {total} answers, "
               f"{cpu_seconds(b.proc.pid) - before:.2f} s CPU")
-        assert total <= tnet_daemon.MAX_ANSWERS_PER_WINDOW_ALL * windows
+        assert total <= tnet_discovery.MAX_ANSWERS_PER_WINDOW_ALL * windows
     finally:
         for r in requesters:
             r.close()
@@ -477,10 +478,10 @@ def test_f9_garbage_datagrams_are_logged_at_a_bounded_rate(net):
         udp.bind((next_address(), 0))
         for i in range(3000):
             udp.sendto(b"garbage %d" % i, (b.address, net.broadcast_port))
-    wait_until(lambda: b.log().count("dropped:") - before >= tnet_daemon.MAX_DROP_LOGS_PER_WINDOW,
+    wait_until(lambda: b.log().count("dropped:") - before >= tnet_discovery.MAX_DROP_LOGS_PER_WINDOW,
                what="the first drops logged")
     assert b.request("status")[-1]["ok"]
-    assert b.log().count("dropped:") - before <= tnet_daemon.MAX_DROP_LOGS_PER_WINDOW
+    assert b.log().count("dropped:") - before <= tnet_discovery.MAX_DROP_LOGS_PER_WINDOW
 
 
 # --- F10: small ones ----------------------------------------------------------------------
@@ -526,7 +527,7 @@ def test_f10_a_long_name_that_is_taken_gets_a_numbered_name_within_the_limit(net
 def test_f10_a_request_line_over_the_limit_gets_its_answer_not_a_broken_pipe(net):
     b = net.daemon("bravo")
     with b.command_connection() as sock:
-        sock.sendall(b"x" * (2 * proto.MAX_LINE_BYTES) + b"\n")
+        sock.sendall(b"x" * (2 * api.MAX_LINE_BYTES) + b"\n")
         assert read_answers(sock)[-1]["code"] == "line-too-long"
     assert b.request("status")[-1]["ok"]
 

@@ -22,7 +22,7 @@ import crafted
 import pytest
 from conftest import next_address, random_file, wait_until
 
-from tnet import daemon as tnet_daemon
+from tnet import discovery as tnet_discovery
 from tnet import protocol as proto
 
 PRE = proto.PREFACE
@@ -431,8 +431,8 @@ def test_a_discovery_flood_gets_a_bounded_number_of_tcp_answers_and_no_udp(net):
 
         wait_until(sentinel_answered, what="an answer to the sentinel")
         elapsed = time.monotonic() - started
-        windows = int(elapsed / tnet_daemon.ANSWER_WINDOW_S) + 2
-        bound = tnet_daemon.MAX_ANSWERS_PER_WINDOW * windows
+        windows = int(elapsed / tnet_discovery.ANSWER_WINDOW_S) + 2
+        bound = tnet_discovery.MAX_ANSWERS_PER_WINDOW * windows
         for r in requesters[:-1]:
             assert 1 <= r.collect() <= bound, (r.address, r.answers, elapsed)
         assert all(r.heard_nothing_over_udp() for r in requesters)

@@ -1,4 +1,6 @@
-"""The package's shape: every module says what it holds; imports run one way."""
+"""The package's shape: every module says what it holds; imports run one way
+(TYPE_CHECKING ones too: a module never names one above it); no class or
+function too long to read at once."""
 
 from __future__ import annotations
 
@@ -12,25 +14,33 @@ PACKAGE = Path(tnet.__file__).parent
 ALLOWED = {
     "protocol": set(),
     "util": set(),
-    "cli": {"protocol", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
+    "api": {"protocol"},
+    "cli": {"api", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
+    "loop": set(),
     "store": {"protocol"},
     "walk": {"protocol", "util"},
-    "loop": set(),
-    "peers": {"protocol", "loop", "store", "util", "walk"},
-    "daemon": {"protocol", "loop", "peers", "store", "util", "walk"},
+    "clients": {"api", "loop", "protocol"},
+    "discovery": {"protocol", "loop", "util"},
+    "peers": {"api", "protocol", "loop", "store", "util"},
+    "inbound": {"api", "protocol", "peers", "store", "util"},
+    "outbound": {"api", "protocol", "peers", "util", "walk"},
+    "commands": {"api", "protocol", "clients", "discovery", "inbound", "loop", "outbound", "peers", "store",
+                 "util", "walk"},
+    "daemon": {"protocol", "clients", "commands", "discovery", "inbound", "loop", "outbound", "peers", "store",
+               "util"},
     "__main__": {"cli"},
 }
 
 
+MAX_CLASS_LINES = 250
+MAX_FUNCTION_LINES = 60
+
+
 def tnet_imports(tree: ast.Module, top_level_only: bool) -> set:
+    """Every tnet module ``tree`` imports, TYPE_CHECKING imports included."""
     found = set()
-    typing_only = {id(inner) for node in ast.walk(tree)
-                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test)
-                   for inner in ast.walk(node)}
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     for node in nodes:
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found |= {node.module} if node.module else {alias.name for alias in node.names}
     found.discard("__init__")
@@ -52,3 +62,32 @@ def test_imports_run_one_way():
         assert everywhere <= ALLOWED[name], f"{name} imports {everywhere - ALLOWED[name]}"
     cli_top = tnet_imports(ast.parse((PACKAGE / "cli.py").read_text()), top_level_only=True)
     assert "daemon" not in cli_top  # the CLI starts fast: the daemon's code loads only to run one
+
+
+def test_no_class_or_function_is_too_long_to_read_at_once():
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                limit = MAX_CLASS_LINES
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                limit = MAX_FUNCTION_LINES
+            else:
+                continue
+            length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+            assert length <= limit, f"{path.name}: {node.name} has {length} lines (at most {limit})"
+
+
+def test_the_layers_form_no_cycle():
+    graph = {name: targets - {"daemon"} if name == "cli" else targets for name, targets in ALLOWED.items()}
+    seen: dict = {}
+
+    def visit(name: str, path: tuple) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path + (name,))}"
+        if seen.get(name):
+            return
+        for target in graph.get(name, ()):
+            visit(target, path + (name,))
+        seen[name] = True
+
+    for name in graph:
+        visit(name, ())

@@ -15,6 +15,8 @@ import crafted
 import pytest
 from conftest import next_address, read_answers, wait_until
 
+from tnet import api
+from tnet import clients as tnet_clients
 from tnet import daemon as tnet_daemon
 from tnet import protocol as proto
 
@@ -77,9 +79,9 @@ def test_line_limit_at_n_and_n_plus_one_and_a_10_mib_line(net):
     a = net.daemon("alpha")
     request = b'{"cmd": "status"}'
     with a.command_connection() as sock:
-        sock.sendall(request + b" " * (proto.MAX_LINE_BYTES - len(request)) + b"\n")
+        sock.sendall(request + b" " * (api.MAX_LINE_BYTES - len(request)) + b"\n")
         assert read_answers(sock)[-1]["ok"] is True
-    for size in (proto.MAX_LINE_BYTES + 1, 10 * 1024 * 1024):
+    for size in (api.MAX_LINE_BYTES + 1, 10 * 1024 * 1024):
         with a.command_connection() as sock:
             try:
                 sock.sendall(request + b" " * (size - len(request)))  # and no newline
@@ -143,7 +145,7 @@ def test_a_subscriber_that_never_reads_is_dropped_at_its_buffer_limit(net):
     stuck.connect(b.event_socket)
     wait_until(lambda: b.request("status")[-1]["subscribers"] == 2)
     text = "x" * proto.MAX_MESSAGE_BYTES
-    count = 2 * tnet_daemon.MAX_SUBSCRIBER_BUFFER_BYTES // len(text) + 2
+    count = 2 * tnet_clients.MAX_SUBSCRIBER_BUFFER_BYTES // len(text) + 2
     for _ in range(count):
         wire = crafted.connect(b.address)
         wire.send(proto.PREFACE + crafted.frame({"type": "message", "name": "m", "text": text}))
@@ -159,7 +161,7 @@ def test_a_subscriber_that_never_reads_is_dropped_at_its_buffer_limit(net):
         if not chunk:
             break
         received += len(chunk)
-    assert received <= tnet_daemon.MAX_SUBSCRIBER_BUFFER_BYTES + 1024 * 1024  # what was queued, plus the kernel's
+    assert received <= tnet_clients.MAX_SUBSCRIBER_BUFFER_BYTES + 1024 * 1024  # what was queued, plus the kernel's
     stuck.close()
 
 

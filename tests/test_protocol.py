@@ -1,8 +1,10 @@
-"""protocol.py without sockets: round trips, splits, malformed input, limits."""
+"""protocol.py without sockets: round trips, splits, malformed input, limits,
+and the exchange's rules for both ends (§4.1)."""
 
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import json
 import random
@@ -47,19 +49,25 @@ def offer_end(stream: bytes) -> int:
         return 0
 
 
-def decode_all(stream: bytes, role: str = "acceptor", splits=None):
-    """Feed ``stream`` in pieces, accepting an offer as a receiver would, and
-    join the FileData so that results compare."""
-    decoder = p.StreamDecoder(role)
-    accept_at = offer_end(stream) if role == "acceptor" else 0
+def receiver() -> p.Exchange:
+    exchange = p.Exchange(p.Role.ACCEPTOR)
+    exchange.send_preface()
+    return exchange
+
+
+def decode_all(stream: bytes, splits=None):
+    """Feed ``stream`` in pieces to a receiver, accepting an offer as a daemon
+    would, and join the FileData so that results compare."""
+    decoder = receiver()
+    accept_at = offer_end(stream)
     pieces = split_at(stream, list(splits or []) + [accept_at])
     events = []
     fed = 0
     for piece in pieces:
         fed += len(piece)
-        new = decoder.feed(piece)
+        new = decoder.receive_data(piece)
         if accept_at and fed == accept_at:
-            decoder.accept_offer()
+            decoder.send(p.Accept("bravo"))
         for event in new:
             if isinstance(event, p.FileData):
                 data = bytes(event.data)
@@ -73,17 +81,23 @@ def decode_all(stream: bytes, role: str = "acceptor", splits=None):
     return events
 
 
+def frames_of(stream: bytes) -> list:
+    """What a stream holds by its framing alone (no exchange rules)."""
+    reader = p.FrameReader()
+    return [item if isinstance(item, p.FileData) else p.event_of(item) for item in reader.items(stream)]
+
+
 def split_at(data: bytes, points) -> list:
     points = sorted(set(min(max(0, x), len(data)) for x in points) - {0, len(data)})
     edges = [0] + points + [len(data)]
     return [data[a:b] for a, b in zip(edges, edges[1:])]
 
 
-def accepted(offer: p.Offer) -> p.StreamDecoder:
-    """A receiver's decoder that has taken ``offer`` and answered accept."""
-    decoder = p.StreamDecoder("acceptor")
-    assert decoder.feed(PRE + p.encode_frame(offer)) == [offer]
-    decoder.accept_offer()
+def accepted(offer: p.Offer) -> p.Exchange:
+    """A receiver's exchange that has taken ``offer`` and answered accept."""
+    decoder = receiver()
+    assert decoder.receive_data(PRE + p.encode_frame(offer)) == [offer]
+    decoder.send(p.Accept("bravo"))
     return decoder
 
 
@@ -132,7 +146,7 @@ def test_first_frames_round_trip(event):
     p.Error("no-space", "full"),
 ])
 def test_answers_round_trip(event):
-    assert decode_all(p.encode_preface() + p.encode_frame(event), role="initiator") == [event]
+    assert frames_of(p.encode_preface() + p.encode_frame(event)) == [event]
 
 
 def test_folder_and_nested_paths_round_trip():
@@ -151,42 +165,16 @@ def test_sender_may_disown_a_file_in_place_of_its_end():
 
 def test_file_data_views_the_callers_buffer_without_copy():
     decoder = accepted(p.Offer("h", 1, 10))
-    decoder.feed(p.encode_frame(p.FileHeader(0, ("f",), 10)))
+    decoder.receive_data(p.encode_frame(p.FileHeader(0, ("f",), 10)))
     assert decoder.data_remaining == 10
     buf = bytearray(b"0123456789")
-    [chunk] = decoder.feed(memoryview(buf))
+    [chunk] = decoder.receive_data(memoryview(buf))
     assert isinstance(chunk.data, memoryview) and chunk.data.obj is buf
 
 
 def test_datagram_round_trip():
     request = p.DiscoveryRequest("alpha", NONCE, 49165)
     assert p.decode_datagram(p.encode_discovery(request)) == request
-
-
-def test_line_decoder_splits_lines_and_skips_blank_ones():
-    decoder = p.LineDecoder()
-    assert decoder.feed(b'{"cmd":"status"}\n\n{"cmd"') == [b'{"cmd":"status"}']
-    assert decoder.feed(b':"peers"}\n') == [b'{"cmd":"peers"}']
-
-
-def test_requests_are_type_checked():
-    assert p.decode_request(b'{"cmd":"send","peer":"h","paths":["/x"]}') == p.Request("send", {
-        "peer": "h", "paths": ["/x"]})
-    for line, code in [
-        (b'{"cmd":"fly"}', "unknown-command"),
-        (b'{"cmd":"send","peer":"h"}', "bad-request"),
-        (b'{"cmd":"send","peer":1,"paths":["/x"]}', "bad-request"),
-        (b'{"cmd":"send","peer":"h","paths":[]}', "bad-request"),
-        (b'{"cmd":"status","extra":1}', "bad-request"),
-        (b'{"cmd":"discover","timeout":true}', "bad-request"),
-        (b'{"cmd":"discover","timeout":0}', "bad-request"),
-        (b'[1]', "bad-json"),
-        (b'{"cmd": ', "bad-json"),
-        (b'{"cmd":"message","peer":"h","text":"\\ud800"}', "bad-request"),
-    ]:
-        with pytest.raises(p.RemoteProtocolError) as info:
-            p.decode_request(line)
-        assert info.value.code == code, line
 
 
 # --- malformed input ---------------------------------------------------------------
@@ -219,12 +207,12 @@ MALFORMED = [
 
 @pytest.mark.parametrize("code,stream", MALFORMED, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MALFORMED)])
 def test_malformed_streams_raise_the_modules_own_error(code, stream):
-    decoder = p.StreamDecoder("acceptor")
+    decoder = receiver()
     with pytest.raises(p.RemoteProtocolError) as info:
-        decoder.feed(stream)
+        decoder.receive_data(stream)
     assert info.value.code == code
     with pytest.raises(p.RemoteProtocolError):  # sticky
-        decoder.feed(b"")
+        decoder.receive_data(b"")
 
 
 HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "..", ".", "a\x00b", "a\nb", "a\x1b[31m", "a\\b", "x" * 256,
@@ -234,39 +222,38 @@ HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "..", ".", "a\x00b", "a\nb", "a\
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_hostile_file_names_are_refused(name):
     with pytest.raises(p.RemoteProtocolError) as info:
-        accepted(p.Offer("h", 1, 1)).feed(frame({"type": "file", "index": 0, "path": [name], "size": 1}))
+        accepted(p.Offer("h", 1, 1)).receive_data(frame({"type": "file", "index": 0, "path": [name], "size": 1}))
     assert info.value.code == "bad-name"
 
 
 def test_invalid_utf8_in_a_name_is_refused():
     payload = b'{"type":"file","index":0,"path":["a\xffb"],"size":1}'
     with pytest.raises(p.RemoteProtocolError):
-        accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", len(payload)) + payload)
+        accepted(p.Offer("h", 1, 1)).receive_data(struct.pack(">I", len(payload)) + payload)
 
 
 def test_lone_surrogate_escaped_in_json_is_refused():
     with pytest.raises(p.RemoteProtocolError) as info:
-        accepted(p.Offer("h", 1, 1)).feed(frame({"type": "file", "index": 0, "path": ["a\ud800"], "size": 1}))
+        accepted(p.Offer("h", 1, 1)).receive_data(frame({"type": "file", "index": 0, "path": ["a\ud800"], "size": 1}))
     assert info.value.code == "bad-name"
 
 
 def test_entries_before_the_receiver_accepts_are_refused():
     stream = PRE + p.encode_frame(p.Offer("h", 1, 1)) + p.encode_frame(p.FileHeader(0, ("f",), 1))
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(stream)
+        receiver().receive_data(stream)
     assert info.value.code == "unexpected-frame"
 
 
 def test_unknown_fields_are_refused():
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "offer", "name": "h", "entries": 1, "size": 1,
-                                                      "evil": 1}))
+        receiver().receive_data(PRE + frame({"type": "offer", "name": "h", "entries": 1, "size": 1, "evil": 1}))
     assert info.value.code == "bad-frame"
 
 
 def test_error_text_must_be_valid_utf8():
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("initiator").feed(PRE + frame({"type": "error", "code": "x", "message": "\ud800"}))
+        frames_of(PRE + frame({"type": "error", "code": "x", "message": "\ud800"}))
     assert info.value.code == "bad-frame"
 
 
@@ -283,10 +270,10 @@ def test_ordinary_names_pass():
 @pytest.mark.parametrize("cut", [3, 5, 9, 30, -40, -1])
 def test_truncated_streams_raise_at_eof(cut):
     stream = batch_stream([("a.txt", b"hello")])
-    decoder = p.StreamDecoder("acceptor")
+    decoder = receiver()
     for piece in split_at(stream[:cut], [offer_end(stream)]):
-        if any(isinstance(e, p.Offer) for e in decoder.feed(piece)):
-            decoder.accept_offer()
+        if any(isinstance(e, p.Offer) for e in decoder.receive_data(piece)):
+            decoder.send(p.Accept("bravo"))
     with pytest.raises(p.RemoteProtocolError) as info:
         decoder.feed_eof()
     assert info.value.code == "truncated"
@@ -294,13 +281,14 @@ def test_truncated_streams_raise_at_eof(cut):
 
 def test_a_file_larger_than_the_offer_is_refused():
     with pytest.raises(p.RemoteProtocolError) as info:
-        accepted(p.Offer("h", 1, 4)).feed(p.encode_frame(p.FileHeader(0, ("f",), 5)))
+        accepted(p.Offer("h", 1, 4)).receive_data(p.encode_frame(p.FileHeader(0, ("f",), 5)))
     assert info.value.code == "size-mismatch"
 
 
 def test_more_entries_than_offered_are_refused():
     with pytest.raises(p.RemoteProtocolError) as info:
-        accepted(p.Offer("h", 1, 0)).feed(p.encode_frame(p.Folder(0, ("d",))) + p.encode_frame(p.Folder(1, ("e",))))
+        accepted(p.Offer("h", 1, 0)).receive_data(p.encode_frame(p.Folder(0, ("d",))) +
+                                                  p.encode_frame(p.Folder(1, ("e",))))
     assert info.value.code == "unexpected-frame"
 
 
@@ -351,42 +339,41 @@ def test_message_limit_including_worst_case_escaping():
     worst = "\x01" * p.MAX_MESSAGE_BYTES  # six bytes each in JSON
     assert decode_all(PRE + p.encode_frame(p.Message("h", worst))) == [p.Message("h", worst)]
     with pytest.raises(p.RemoteProtocolError) as info:
-        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "message", "name": "h",
-                                                      "text": "x" * (p.MAX_MESSAGE_BYTES + 1)}))
+        receiver().receive_data(PRE + frame({"type": "message", "name": "h", "text": "x" * (p.MAX_MESSAGE_BYTES + 1)}))
     assert info.value.code == "message-too-large"
 
 
 def test_header_limit_after_the_first_frame():
-    accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", p.MAX_HEADER_BYTES))  # N: waiting for the payload
+    accepted(p.Offer("h", 1, 1)).receive_data(struct.pack(">I", p.MAX_HEADER_BYTES))  # N: waiting for the payload
     with pytest.raises(p.RemoteProtocolError) as info:
-        accepted(p.Offer("h", 1, 1)).feed(struct.pack(">I", p.MAX_HEADER_BYTES + 1))
+        accepted(p.Offer("h", 1, 1)).receive_data(struct.pack(">I", p.MAX_HEADER_BYTES + 1))
     assert info.value.code == "frame-too-large"
 
 
 def test_bad_sha256_is_refused():
     decoder = accepted(p.Offer("h", 1, 1))
-    decoder.feed(p.encode_frame(p.FileHeader(0, ("f",), 1)) + b"x")
+    decoder.receive_data(p.encode_frame(p.FileHeader(0, ("f",), 1)) + b"x")
     with pytest.raises(p.RemoteProtocolError) as info:
-        decoder.feed(frame({"type": "end", "sha256": "Z" * 64}))
+        decoder.receive_data(frame({"type": "end", "sha256": "Z" * 64}))
     assert info.value.code == "bad-frame"
 
 
 def test_first_frame_limit():
-    p.StreamDecoder("acceptor").feed(PRE + struct.pack(">I", p.MAX_FRAME_BYTES))
+    receiver().receive_data(PRE + struct.pack(">I", p.MAX_FRAME_BYTES))
     with pytest.raises(p.RemoteProtocolError):
-        p.StreamDecoder("acceptor").feed(PRE + struct.pack(">I", p.MAX_FRAME_BYTES + 1))
+        receiver().receive_data(PRE + struct.pack(">I", p.MAX_FRAME_BYTES + 1))
 
 
 def test_initiator_frames_are_headers_only():
-    p.StreamDecoder("initiator").feed(PRE + struct.pack(">I", p.MAX_HEADER_BYTES))
+    p.Exchange(p.Role.INITIATOR).receive_data(PRE + struct.pack(">I", p.MAX_HEADER_BYTES))
     with pytest.raises(p.RemoteProtocolError):
-        p.StreamDecoder("initiator").feed(PRE + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
+        p.Exchange(p.Role.INITIATOR).receive_data(PRE + struct.pack(">I", p.MAX_HEADER_BYTES + 1))
 
 
 def test_wait_limit():
-    assert decode_all(PRE + p.encode_frame(p.Wait(p.MAX_WAIT_S)), role="initiator") == [p.Wait(p.MAX_WAIT_S)]
+    assert frames_of(PRE + p.encode_frame(p.Wait(p.MAX_WAIT_S))) == [p.Wait(p.MAX_WAIT_S)]
     with pytest.raises(p.RemoteProtocolError):
-        p.StreamDecoder("initiator").feed(PRE + frame({"type": "wait", "seconds": p.MAX_WAIT_S + 1}))
+        frames_of(PRE + frame({"type": "wait", "seconds": p.MAX_WAIT_S + 1}))
 
 
 def test_datagram_limit():
@@ -397,21 +384,11 @@ def test_datagram_limit():
         p.decode_datagram(padded[:-1] + b" }")
 
 
-def test_line_limit():
-    decoder = p.LineDecoder(max_line=10)
-    assert decoder.feed(b"0123456789") == []  # N bytes, no newline yet: kept
-    with pytest.raises(p.RemoteProtocolError) as info:
-        p.LineDecoder(max_line=10).feed(b"0123456789A")
-    assert info.value.code == "line-too-long"
-    assert p.LineDecoder(max_line=10).feed(b"0123456789\n") == [b"0123456789"]
-
-
 def test_entries_limit():
-    [offer] = p.StreamDecoder("acceptor").feed(PRE + p.encode_frame(p.Offer("h", p.MAX_ENTRIES, 0)))
+    [offer] = receiver().receive_data(PRE + p.encode_frame(p.Offer("h", p.MAX_ENTRIES, 0)))
     assert offer.entries == p.MAX_ENTRIES
     with pytest.raises(p.RemoteProtocolError):
-        p.StreamDecoder("acceptor").feed(PRE + frame({"type": "offer", "name": "h", "entries": p.MAX_ENTRIES + 1,
-                                                      "size": 0}))
+        receiver().receive_data(PRE + frame({"type": "offer", "name": "h", "entries": p.MAX_ENTRIES + 1, "size": 0}))
 
 
 # --- properties ------------------------------------------------------------------------
@@ -425,11 +402,11 @@ def feed_checked(decoder, pieces):
     buffer stays bounded."""
     try:
         for piece in pieces:
-            for event in decoder.feed(piece):
+            for event in decoder.receive_data(piece):
                 assert isinstance(event, ALL_EVENTS)
                 if isinstance(event, p.Offer):
-                    decoder.accept_offer()
-            assert len(decoder._buf) <= p.FRAME_LENGTH.size + p.MAX_FRAME_BYTES
+                    decoder.send(p.Accept("bravo"))
+            assert len(decoder._reader._buf) <= p.FRAME_LENGTH.size + p.MAX_FRAME_BYTES
         decoder.feed_eof()
     except p.RemoteProtocolError as exc:
         assert exc.code and isinstance(exc.code, str)
@@ -439,15 +416,15 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 
 @SETTINGS
-@given(st.binary(max_size=2000), st.sampled_from(["acceptor", "initiator"]))
+@given(st.binary(max_size=2000), st.sampled_from([p.Role.ACCEPTOR, p.Role.INITIATOR]))
 def test_any_bytes_give_events_or_the_modules_error(data, role):
-    feed_checked(p.StreamDecoder(role), [data])
+    feed_checked(p.Exchange(role), [data])
 
 
 @SETTINGS
 @given(st.binary(max_size=2000))
 def test_any_bytes_after_a_valid_preface(data):
-    feed_checked(p.StreamDecoder("acceptor"), [PRE + data])
+    feed_checked(receiver(), [PRE + data])
 
 
 @SETTINGS
@@ -465,7 +442,7 @@ def test_mutated_valid_streams_never_escape_the_error_type(data):
         stream[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(stream)))
     points = sorted({cut, offer_end(bytes(stream))})
-    feed_checked(p.StreamDecoder("acceptor"), split_at(bytes(stream), points))
+    feed_checked(receiver(), split_at(bytes(stream), points))
 
 
 @SETTINGS
@@ -473,15 +450,6 @@ def test_mutated_valid_streams_never_escape_the_error_type(data):
 def test_any_datagram_gives_a_request_or_the_modules_error(data):
     try:
         assert isinstance(p.decode_datagram(data), p.DiscoveryRequest)
-    except p.RemoteProtocolError:
-        pass
-
-
-@SETTINGS
-@given(st.binary(max_size=500))
-def test_any_request_line_gives_a_request_or_the_modules_error(data):
-    try:
-        assert isinstance(p.decode_request(data), p.Request)
     except p.RemoteProtocolError:
         pass
 
@@ -496,6 +464,183 @@ def test_check_file_name_accepts_only_safe_names(name):
     assert "/" not in name and "\\" not in name and name not in ("", ".", "..")
     assert len(name.encode()) <= p.MAX_NAME_BYTES
     assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+
+
+# --- the exchange: who may send what, when (§4.1) ------------------------------------------
+
+
+def pair() -> "tuple[p.Exchange, p.Exchange]":
+    """An initiator and an acceptor whose prefaces are through."""
+    initiator, acceptor = p.Exchange(p.Role.INITIATOR), p.Exchange(p.Role.ACCEPTOR)
+    assert acceptor.receive_data(initiator.send_preface()) == []
+    assert initiator.receive_data(acceptor.send_preface()) == []
+    return initiator, acceptor
+
+
+def carry(sender: p.Exchange, receiver_: p.Exchange, event) -> list:
+    return receiver_.receive_data(sender.send(event))
+
+
+def test_a_whole_batch_between_two_exchanges():
+    i, a = pair()
+    assert carry(i, a, p.Offer("alpha", 3, 5)) == [p.Offer("alpha", 3, 5)]
+    assert i.state is a.state is p.State.OFFERED
+    assert carry(a, i, p.Wait(120)) == [p.Wait(120)]
+    assert carry(a, i, p.Accept("bravo")) == [p.Accept("bravo")]
+    assert carry(i, a, p.Folder(0, ("d",))) == [p.Folder(0, ("d",))]
+    assert carry(i, a, p.FileHeader(1, ("d", "f"), 5)) == [p.FileHeader(1, ("d", "f"), 5)]
+    assert a.state is p.State.FILE_DATA and a.data_remaining == 5
+    assert carry(a, i, p.Done(0)) == [p.Done(0)]  # answers cross a file in flight
+    i.sent_file_bytes(5)
+    assert [bytes(e.data) for e in a.receive_data(b"hello")] == [b"hello"]
+    assert a.state is p.State.FILE_END
+    assert carry(i, a, p.FileEnd(SHA)) == [p.FileEnd(SHA)]
+    assert carry(i, a, p.FileHeader(2, ("e",), 0)) == [p.FileHeader(2, ("e",), 0)]
+    assert carry(i, a, p.Failed(2, "file-changed", "gone")) == [p.Failed(2, "file-changed", "gone")]
+    assert carry(a, i, p.Failed(2, "file-changed", "gone")) and carry(a, i, p.Done(1))
+    assert i.complete and a.complete
+    assert i.feed_eof() == [] and a.feed_eof() == []
+
+
+def test_a_message_and_its_ack():
+    i, a = pair()
+    carry(i, a, p.Message("alpha", "hi"))
+    carry(a, i, p.Ack("bravo"))
+    assert i.complete and a.complete
+
+
+@pytest.mark.parametrize("events,code", [
+    ([p.Offer("h", 1, 1), p.FileHeader(0, ("f",), 1)], "unexpected-frame"),  # before the accept
+    ([p.Message("h", "x"), p.Message("h", "y")], "unexpected-frame"),
+    ([p.Ack("h")], "unexpected-frame"),  # only the acceptor acks
+    ([p.Offer("h", 1, 1), "accept", p.Folder(1, ("d",))], "bad-index"),
+    ([p.Offer("h", 1, 1), "accept", p.Folder(0, ("d",)), p.Folder(1, ("e",))], "unexpected-frame"),
+    ([p.Offer("h", 1, 1), "accept", p.FileHeader(0, ("f",), 2)], "size-mismatch"),
+    ([p.Offer("h", 2, 2), "accept", p.FileHeader(0, ("f",), 1), p.Folder(1, ("d",))], "unexpected-frame"),  # mid-file
+    ([p.Offer("h", 2, 0), "accept", p.FileHeader(0, ("f",), 0), p.Failed(1, "x", "y")], "unexpected-frame"),
+])
+def test_the_initiator_cannot_send_what_the_state_forbids(events, code):
+    i, a = pair()
+    with pytest.raises(p.LocalProtocolError) as info:
+        for event in events:
+            if event == "accept":
+                carry(a, i, p.Accept("bravo"))
+            else:
+                carry(i, a, event)
+    assert info.value.code == code
+
+
+def test_a_refused_send_names_the_state():
+    i, a = pair()
+    carry(i, a, p.Offer("h", 1, 1))
+    with pytest.raises(p.LocalProtocolError) as info:
+        i.send(p.FileHeader(0, ("f",), 1))
+    assert info.value.message == "'file' cannot be sent by the initiator in state offered"
+
+
+@pytest.mark.parametrize("answers,code", [
+    ([p.Done(0)], "unexpected-frame"),  # nothing sent yet
+    ([p.Accept("b"), p.Accept("b")], "unexpected-frame"),
+    ([p.Accept("b"), p.Done(1)], "unexpected-frame"),  # entry 1 was not sent
+    ([p.Accept("b"), p.Done(0), p.Done(0)], "unexpected-frame"),  # answered twice
+])
+def test_the_acceptor_cannot_answer_what_was_not_sent_or_twice(answers, code):
+    i, a = pair()
+    carry(i, a, p.Offer("h", 2, 0))
+    with pytest.raises(p.LocalProtocolError) as info:
+        for answer in answers:
+            carry(a, i, answer)
+            if isinstance(answer, p.Accept):
+                carry(i, a, p.Folder(0, ("d",)))
+    assert info.value.code == code
+
+
+def test_a_receiver_that_answers_a_file_still_in_flight_is_refused():
+    i, a = pair()
+    carry(i, a, p.Offer("h", 1, 5))
+    carry(a, i, p.Accept("b"))
+    carry(i, a, p.FileHeader(0, ("f",), 5))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        i.receive_data(p.encode_frame(p.Done(0)))  # a hostile receiver, bypassing its own exchange
+    assert info.value.code == "unexpected-frame"
+
+
+def test_no_frame_can_interrupt_a_files_bytes_and_eof_then_is_truncated():
+    i, a = pair()
+    carry(i, a, p.Offer("h", 1, 5))
+    carry(a, i, p.Accept("b"))
+    carry(i, a, p.FileHeader(0, ("f",), 5))
+    with pytest.raises(p.LocalProtocolError):
+        i.send(p.Error("cancelled", "mid-file"))  # would be read as file bytes: the sender must just close
+    a.receive_data(b"he")
+    with pytest.raises(p.RemoteProtocolError) as info:
+        a.feed_eof()
+    assert info.value.code == "truncated"
+
+
+def test_a_receiver_closing_early_is_peer_gone_for_the_sender():
+    i, a = pair()
+    carry(i, a, p.Offer("h", 1, 0))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        i.feed_eof()
+    assert info.value.code == "peer-gone"
+
+
+def test_the_preface_goes_first_and_once():
+    exchange = p.Exchange(p.Role.INITIATOR)
+    with pytest.raises(p.LocalProtocolError):
+        exchange.send(p.Message("h", "x"))
+    exchange.send_preface()
+    with pytest.raises(p.LocalProtocolError):
+        exchange.send_preface()
+
+
+def test_every_state_has_a_rule_for_both_roles():
+    for state in p.State:
+        for role in p.Role:
+            assert (role, state) in p.EXCHANGE_RULES
+
+
+# Events either end might try: valid frames, some of them out of place.
+POOL = [
+    p.Announce("alpha", NONCE), p.Message("alpha", "hi"), p.Offer("alpha", 2, 3), p.Offer("alpha", 0, 0),
+    p.Ack("bravo"), p.Accept("bravo"), p.Wait(5),
+    p.FileHeader(0, ("f",), 3), p.FileHeader(1, ("g",), 0), p.FileHeader(0, ("big",), 9), p.Folder(0, ("d",)),
+    p.Folder(1, ("e",)), p.FileData(b"x"), p.FileData(b"xyz"), p.FileEnd(SHA),
+    p.Done(0), p.Done(1), p.Failed(0, "verify-failed", "no"), p.Failed(1, "file-changed", "no"),
+    p.Error("cancelled", "stop"),
+]
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, len(POOL) - 1), st.booleans()), max_size=40))
+def test_two_exchanges_agree_on_every_rule(steps):
+    """Whatever one end may send, the other takes, as that same event; what
+    one end may not send, the other refuses with the same code when a
+    hostile peer sends it anyway. So the rules are one table for both."""
+    i, a = pair()
+    for from_initiator, k, hostile in steps:
+        sender, taker = (i, a) if from_initiator else (a, i)
+        event = POOL[k]
+        probe = copy.deepcopy(sender)
+        try:
+            data = probe.send(event)
+        except p.LocalProtocolError as exc:
+            if hostile and not isinstance(event, p.FileData):
+                with pytest.raises(p.RemoteProtocolError) as info:
+                    taker.receive_data(p.encode_frame(event))
+                assert info.value.code == exc.code
+                return
+            continue
+        got = taker.receive_data(sender.send(event))
+        if isinstance(event, p.FileData):
+            assert b"".join(bytes(e.data) for e in got) == bytes(event.data)
+        else:
+            assert got == [event]
+        assert data and sender.state is taker.state  # one state, seen from both ends
+        if i.state in (p.State.DONE, p.State.CLOSED):
+            assert i.feed_eof() == [] and a.feed_eof() == []
+            return
 
 
 # --- the sans-IO rule -------------------------------------------------------------------

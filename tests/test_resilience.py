@@ -16,7 +16,7 @@ from conftest import random_file, wait_until
 
 from tnet import protocol as proto
 from tnet.daemon import Daemon
-from tnet.peers import OutboundPeer
+from tnet.outbound import OutboundPeer
 from tnet.util import load_config
 
 
@@ -124,7 +124,6 @@ def test_a_sender_waits_idle_timeout_not_handshake_timeout_for_the_accept(net, t
         offer = wire.wait_for(proto.Offer)
         wait_until(lambda: [t for t in a.request("transfers")[-1]["transfers"] if t["seconds"] > 1.5],
                    what="the sender to wait past its handshake timeout")
-        wire.decoder.accept_offer()
         wire.send(proto.encode_frame(proto.Accept("mute")))
         assert offer.entries == 1
         wire.wait_for(proto.FileEnd)
@@ -138,15 +137,15 @@ def test_a_sender_waits_idle_timeout_not_handshake_timeout_for_the_accept(net, t
 
 def test_cancelling_a_send_still_connecting_sends_nothing(net):
     daemon = Daemon(load_config({"FILE_SAVE_DIR": str(net.root / "d"), "TEMP_DIR": str(net.root)}))
-    conn = OutboundPeer(daemon, "127.0.0.1", proto.Offer("alpha", 0, 0))
+    conn = OutboundPeer(daemon.peers, "127.0.0.1", proto.Offer("alpha", 0, 0))
     assert not conn.connected
-    conn.abort("cancelled", "by the user")
+    conn.cancel("cancelled", "by the user")
     assert conn.closed and conn.out == bytearray() and conn.result == ("cancelled", "by the user")
 
 
 def test_a_connect_that_never_completes_is_unreachable(net):
     daemon = Daemon(load_config({"FILE_SAVE_DIR": str(net.root / "d"), "TEMP_DIR": str(net.root),
                                  "HANDSHAKE_TIMEOUT": "3"}))
-    conn = OutboundPeer(daemon, "127.0.0.1", proto.Offer("alpha", 0, 0))
+    conn = OutboundPeer(daemon.peers, "127.0.0.1", proto.Offer("alpha", 0, 0))
     conn.on_deadline()  # the handshake deadline, with no SYN-ACK ever seen
     assert conn.closed and conn.result == ("unreachable", "cannot reach 127.0.0.1: no answer within 3 s")

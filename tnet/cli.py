@@ -162,7 +162,7 @@ def print_json(obj: Any, out: TextIO) -> None:
     """One JSON line; unprintable characters escaped, as on the daemon's sockets."""
     # Imported here, not at the top: output for people never needs the codec
     # and starts ~10 ms sooner, and a --json send has its request out first.
-    from .protocol import encode_line
+    from .api import encode_line
 
     out.write(encode_line(obj).decode("utf-8"))
 
@@ -517,26 +517,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    add_peer_commands(sub)
+    add_local_commands(sub)
+    return parser
 
-    def add(name: str, handler: Callable[..., int], help_text: str, *examples: str,
-            more: str = "") -> argparse.ArgumentParser:
-        lines = "\n".join(f"  {example}" for example in examples)
-        p = sub.add_parser(name, help=help_text, description=help_text + more, epilog=f"examples:\n{lines}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help=JSON_HELP.get(name, "machine-readable output (JSON)"))
-        return p
 
-    add("daemon", cmd_daemon, "run the daemon in the foreground (configured by environment variables)",
+def add_command(sub: Any, name: str, handler: Callable[..., int], help_text: str, *examples: str,
+                more: str = "") -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {example}" for example in examples)
+    p = sub.add_parser(name, help=help_text, description=help_text + more, epilog=f"examples:\n{lines}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(handler=handler)
+    p.add_argument("--json", action="store_true", help=JSON_HELP.get(name, "machine-readable output (JSON)"))
+    return p
+
+
+def add_peer_commands(sub: Any) -> None:
+    """The commands that reach other machines."""
+    add_command(sub, "daemon", cmd_daemon, "run the daemon in the foreground (configured by environment variables)",
         "tnet daemon                          defaults: every interface, sockets in ./run/tnet/",
         "BIND_ADDRESS=192.168.1.20 tnet daemon    serve on one address only",
         "ACCEPT=ask ALLOW_FROM=192.168.1.0/24 tnet daemon    ask before taking files, from this LAN only")
-    p = add("discover", cmd_discover, "ask the network which tnet daemons are there (name, address)",
+    p = add_command(sub, "discover", cmd_discover, "ask the network which tnet daemons are there (name, address)",
             "tnet discover", "tnet discover --timeout 3 --json")
     p.add_argument("--timeout", type=float, default=1.0, metavar="S", help="seconds to collect answers (1)")
-    add("peers", cmd_peers, "list the peers seen recently (name, address, last seen)",
-        "tnet peers", "tnet peers --json", more="; by discovery or because they sent something")
-    p = add("send", cmd_send, "send files and folders to a peer and wait until it has verified them",
+    add_command(sub, "peers", cmd_peers, "list the peers that answered a discovery (name, address, last seen)",
+                "tnet peers", "tnet peers --json")
+    p = add_command(sub, "send", cmd_send, "send files and folders to a peer and wait until it has verified them",
             "tnet send laptop notes.txt photos/      by name (as `tnet peers` lists it)",
             "tnet send 192.168.1.20 report.pdf       by address",
             "tnet send --json laptop big.iso         one JSON object per line: started, progress, file-done, ok",
@@ -544,12 +551,16 @@ def build_parser() -> argparse.ArgumentParser:
             "\"photos\" exists); symbolic links inside it are skipped and reported, never followed.")
     p.add_argument("peer", help="IPv4 address or host name (as `tnet discover` lists it)")
     p.add_argument("files", nargs="+", metavar="FILE", help="files or folders")
-    p = add("message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
+    p = add_command(sub, "message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
             "tnet message laptop 'lunch?'",
             "echo 'build done' | tnet message laptop -")
     p.add_argument("peer", help="IPv4 address or host name")
     p.add_argument("text", help="the message; - reads it from standard input")
-    p = add("watch", cmd_watch, "print messages, offers, transfers and errors as they happen",
+
+
+def add_local_commands(sub: Any) -> None:
+    """The commands that watch and steer this daemon."""
+    p = add_command(sub, "watch", cmd_watch, "print messages, offers, transfers and errors as they happen",
             "tnet watch",
             "tnet watch --json | grep --line-buffered message",
             "tnet watch --exec 'notify-send \"tnet $TNET_EVENT\" \"$TNET_TEXT$TNET_FILE\"'",
@@ -558,19 +569,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", metavar="CMD", help="run the shell command CMD once per event, waiting for it: the "
                    "event is on its stdin as one JSON line and in TNET_EVENT_JSON, and each field in "
                    "TNET_<FIELD> (TNET_EVENT, TNET_NAME, TNET_PEER, TNET_TEXT, TNET_FILE, TNET_PATH, ...)")
-    add("status", cmd_status, "show the daemon's configuration and open transfers", "tnet status",
+    add_command(sub, "status", cmd_status, "show the daemon's configuration and open transfers", "tnet status",
         "tnet status --json")
-    add("transfers", cmd_transfers, "list open transfers (id, direction, peer, file, progress)",
+    add_command(sub, "transfers", cmd_transfers, "list open transfers (id, direction, peer, file, progress)",
         "tnet transfers", "tnet transfers --json")
     for name, text, done in (
         ("cancel", "stop a transfer, from either side: both clean up and report it cancelled", "cancelled"),
         ("accept", "take an offer waiting for a decision (ACCEPT=ask)", "accepted"),
         ("decline", "refuse an offer waiting for a decision (ACCEPT=ask)", "declined"),
     ):
-        p = add(name, cmd_by_id(name, done), text, f"tnet {name} 3         the id as `tnet transfers` or "
+        p = add_command(sub, name, cmd_by_id(name, done), text, f"tnet {name} 3         the id as `tnet transfers` or "
                 "`tnet watch` show it")
         p.add_argument("id", help="transfer id, as `tnet transfers` or `tnet watch` show it")
-    return parser
 
 
 JSON_HELP = {

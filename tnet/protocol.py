@@ -22,24 +22,24 @@ cite its sections as §n.
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 # --- Constants (docs/PROTOCOL.md §1) ----------------------------------------
 
 MAGIC = b"TNET"
 VERSION = 1
 PREFACE = MAGIC + bytes([VERSION])  # opens every TCP stream and datagram, §2
-API_VERSION = 1  # of the local JSON API, §6
 
 FRAME_LENGTH = struct.Struct(">I")  # every frame: u32 length, then JSON, §3
 # Compact UTF-8 JSON for frames, datagrams and lines. One encoder for all:
 # json.dumps with these options would build a new one per call, which costs
 # more than encoding a small frame.
-_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # --- Limits -------------------------------------------------------------------
 
@@ -54,7 +54,6 @@ MAX_FILE_BYTES = 2**50  # 1 PiB: larger sizes are lies, not files
 MAX_ENTRIES = 1_000_000  # files and folders in one offer
 MAX_WAIT_S = 24 * 3600  # the longest a receiver may ask a sender to wait for a decision
 MAX_DATAGRAM_BYTES = 512  # a discovery request is ~100 bytes
-MAX_LINE_BYTES = 1024 * 1024  # one local API request (a long list of paths)
 MAX_CODE_BYTES = 64  # error slugs
 MAX_ERROR_TEXT_BYTES = 1024  # a one-line reason
 NONCE_HEX_CHARS = 32  # 128 bits: discovery rounds never collide
@@ -208,13 +207,6 @@ _FRAMES: Dict[str, Tuple[type, Dict[str, type]]] = {
 }
 _FRAME_TYPE = {cls: name for name, (cls, _) in _FRAMES.items()}
 
-# Which frames each side may receive, by state (§4.1). The initiator opened
-# the connection; the acceptor took it on its listener.
-_ACCEPTOR_FIRST = {"announce", "message", "offer", "error"}
-_ACCEPTOR_IN_BATCH = {"file", "folder", "error"}
-_INITIATOR_ANY = {"ack", "accept", "wait", "done", "failed", "error"}
-
-
 # --- Validation of names ------------------------------------------------------
 
 
@@ -350,7 +342,7 @@ def _object_without_repeats(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
 _json_decode = json.JSONDecoder(object_pairs_hook=_object_without_repeats).decode
 
 
-def _parse_json_object(payload: Union[bytes, memoryview], what: str) -> Dict[str, Any]:
+def parse_json_object(payload: Union[bytes, memoryview], what: str) -> Dict[str, Any]:
     try:
         # Bytes that are not UTF-8 become lone surrogates, so that inside a
         # string they are refused by the check of that field (a name is then
@@ -385,112 +377,71 @@ def encode_frame(event: Any) -> bytes:
         _build_event(kind, fields)  # we never send what we would refuse
     except RemoteProtocolError as exc:
         raise LocalProtocolError(exc.code, exc.message) from None
-    payload = _to_json(fields).encode("utf-8")
+    payload = to_json(fields).encode("utf-8")
     return FRAME_LENGTH.pack(len(payload)) + payload
 
 
-# --- Decoding a TCP stream ----------------------------------------------------
+# --- Framing a TCP stream (§2, §3) --------------------------------------------
 
-_PREFACE, _FRAME, _DATA, _CLOSED = "preface", "frame", "data", "closed"
+_PREFACE, _FRAME, _DATA, _BROKEN = "preface", "frame", "data", "broken"
 
 
-class StreamDecoder:
-    """Incremental decoder for one TCP stream between daemons. No I/O.
+class FrameReader:
+    """One direction of a TCP stream between daemons cut into what it holds:
+    the preface (checked), frames (as JSON objects) and a file's raw bytes
+    (``FileData`` chunks that view the fed buffer). It knows the framing of
+    §2 and §3 and nothing of who may send what: after a ``file`` frame,
+    ``size`` raw bytes follow. Frames longer than ``max_frame`` are refused
+    by their announced length, before their bytes are waited for.
 
-    ``role`` is ``"acceptor"`` for a connection taken on the listener, or
-    ``"initiator"`` for one we opened; it decides which frames are legal
-    (§4.1). ``feed`` returns events; raw file bytes come out as ``FileData``
-    chunks that view the fed buffer, so nothing but an incomplete frame header
-    is ever kept. Any violation raises ``RemoteProtocolError``, after which the
-    decoder refuses further input.
+    ``Exchange`` reads through it and applies the rules; a hand-driven peer
+    (the tests' ``crafted``) may use it alone.
     """
 
-    def __init__(self, role: str) -> None:
-        if role not in ("acceptor", "initiator"):
-            raise ValueError(role)
-        self.role = role
-        self._state = _PREFACE
+    def __init__(self) -> None:
         self._buf = bytearray()
-        self._data_left = 0  # raw bytes still due for the current file
-        self._entries_left = 0  # entries still due in the accepted batch
-        self._next_index = 0  # entries come in order: 0, 1, ... (§4.1)
-        self._bytes_left = 0  # of the size the offer announced
-        self._expect_end = False
-        self._first = True  # the acceptor's first frame decides the connection
-        self._awaiting_accept = False  # an offer is in, our accept is not out yet
-        self._error: Optional[RemoteProtocolError] = None
+        self._state = _PREFACE
+        self.data_left = 0  # raw bytes due before the next frame
+        self.max_frame = MAX_FRAME_BYTES
 
     @property
-    def data_remaining(self) -> int:
-        """Raw file bytes due before the next frame: a receive size hint."""
-        return self._data_left if self._state == _DATA else 0
+    def at_boundary(self) -> bool:
+        """Not inside a preface, a frame or a file's bytes."""
+        return self._state == _FRAME and not self._buf
 
-    @property
-    def opened(self) -> bool:
-        """Whether the peer has sent its first frame (the handshake is over)."""
-        return not self._first
-
-    def accept_offer(self) -> None:
-        """We sent ``accept``: from now on the offered entries may come (§4.1)."""
-        self._awaiting_accept = False
-
-    def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Any]:
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._feed(memoryview(data).cast("B"))
-        except RemoteProtocolError as exc:
-            self._error = exc
-            self._state = _CLOSED
-            raise
-
-    def feed_eof(self) -> List[Any]:
-        """The peer closed its side. Mid-frame or mid-file that is an error."""
-        if self._error is not None:
-            raise self._error
-        silent = self.role == "acceptor" and self._first  # opened, said nothing
-        if self._state == _DATA or self._buf or self._expect_end or self._entries_left or silent:
-            self._error = RemoteProtocolError("truncated", "connection closed mid-transfer")
-            raise self._error
-        if self._state == _PREFACE:
-            self._error = RemoteProtocolError("truncated", "connection closed before the preface")
-            raise self._error
-        self._state = _CLOSED
-        return []
-
-    def _feed(self, data: memoryview) -> List[Any]:
-        events: List[Any] = []
+    def items(self, data: Union[bytes, bytearray, memoryview]) -> Iterator[Union[Dict[str, Any], FileData]]:
+        """What ``data`` completes, in order: frame objects and FileData. A
+        generator, so that whoever reads it may change ``max_frame`` between
+        two frames. RemoteProtocolError on bytes that are not this framing."""
+        view = memoryview(data).cast("B")
         pos = 0
-        while pos < len(data):
+        while pos < len(view):
             if self._state == _DATA:
-                take = min(self._data_left, len(data) - pos)
-                events.append(FileData(data[pos:pos + take]))
-                pos += take
-                self._data_left -= take
-                if self._data_left == 0:
+                take = min(self.data_left, len(view) - pos)
+                self.data_left -= take
+                if self.data_left == 0:
                     self._state = _FRAME
-                    self._expect_end = True
+                yield FileData(view[pos:pos + take])
+                pos += take
                 continue
-            if self._state == _CLOSED:
-                raise RemoteProtocolError("bad-frame", "data after the end of the stream")
-            if self._state == _FRAME and not self._buf and len(data) - pos > FRAME_LENGTH.size:
+            if self._state == _FRAME and not self._buf and len(view) - pos > FRAME_LENGTH.size:
                 # The common case, a whole frame in one read: parse it in place, not byte-buffered.
-                (length,) = FRAME_LENGTH.unpack_from(data, pos)
+                (length,) = FRAME_LENGTH.unpack_from(view, pos)
                 self._check_length(length)
                 end = pos + FRAME_LENGTH.size + length
-                if end <= len(data):
-                    events.append(self._accept_frame(_parse_json_object(data[pos + FRAME_LENGTH.size:end], "frame")))
+                if end <= len(view):
+                    obj = self._frame_object(view[pos + FRAME_LENGTH.size:end])
                     pos = end
+                    yield obj
                     continue
             need = self._bytes_needed()
-            take = min(need, len(data) - pos)
-            self._buf += data[pos:pos + take]
+            take = min(need, len(view) - pos)
+            self._buf += view[pos:pos + take]
             pos += take
-            if take == need:
-                event = self._parse_buffered()
-                if event is not None:
-                    events.append(event)
-        return events
+            if take == need:  # the preface, a frame's length (checked at once) or a whole frame
+                buffered = self._parse_buffered()
+                if buffered is not None:
+                    yield buffered
 
     def _bytes_needed(self) -> int:
         """How many more bytes complete the preface or frame in ``_buf``."""
@@ -501,9 +452,11 @@ class StreamDecoder:
         (length,) = FRAME_LENGTH.unpack_from(self._buf)
         return FRAME_LENGTH.size + length - len(self._buf)
 
-    def _parse_buffered(self) -> Optional[Any]:
+    def _parse_buffered(self) -> Optional[Dict[str, Any]]:
         if self._state == _PREFACE:
-            self._parse_preface()
+            check_preface(bytes(self._buf))
+            self._buf.clear()
+            self._state = _FRAME
             return None
         (length,) = FRAME_LENGTH.unpack_from(self._buf)
         if len(self._buf) == FRAME_LENGTH.size:  # only the length so far
@@ -511,71 +464,272 @@ class StreamDecoder:
             return None
         payload = bytes(self._buf[FRAME_LENGTH.size:])
         self._buf.clear()
-        return self._accept_frame(_parse_json_object(payload, "frame"))
+        return self._frame_object(payload)
 
     def _check_length(self, length: int) -> None:
-        """Refuse a frame by its announced length, before waiting for its bytes."""
-        limit = MAX_FRAME_BYTES if self._message_allowed() else MAX_HEADER_BYTES
-        if length > limit:
-            raise RemoteProtocolError("frame-too-large", f"{length} bytes, limit {limit}")
+        if length > self.max_frame:
+            raise RemoteProtocolError("frame-too-large", f"{length} bytes, limit {self.max_frame}")
         if length == 0:
             raise RemoteProtocolError("bad-frame", "empty frame")
 
-    def _parse_preface(self) -> None:
-        if bytes(self._buf[:len(MAGIC)]) != MAGIC:
-            raise RemoteProtocolError("bad-magic", "not a tnet peer")
-        if self._buf[len(MAGIC)] != VERSION:
-            raise RemoteProtocolError(
-                "unsupported-version",
-                f"peer speaks version {self._buf[len(MAGIC)]}, this is version {VERSION}",
-            )
-        self._buf.clear()
-        self._state = _FRAME
-        return None
+    def _frame_object(self, payload: Union[bytes, memoryview]) -> Dict[str, Any]:
+        obj = parse_json_object(payload, "frame")
+        size = obj.get("size")
+        if obj.get("type") == "file" and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            self.data_left = size  # the only bytes that are not frames (§3)
+            self._state = _DATA
+        return obj
 
-    def _message_allowed(self) -> bool:
-        return self.role == "acceptor" and self._first
 
-    def _allowed_frames(self) -> set:
-        if self._expect_end:  # the sender may disown a file that changed under it
-            return {"end", "failed", "error"}
-        if self.role == "initiator":
-            return _INITIATOR_ANY
-        if self._first:
-            return _ACCEPTOR_FIRST
-        if self._entries_left and not self._awaiting_accept:
-            return _ACCEPTOR_IN_BATCH
-        return {"error"}
+def event_of(obj: Dict[str, Any]) -> Any:
+    """The event a frame object stands for, its fields checked, without the
+    exchange's rules: for tools and tests that speak the protocol by hand."""
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in _FRAMES:
+        raise RemoteProtocolError("bad-frame", f"unknown frame type {kind!r}")
+    return _build_event(kind, obj)
 
-    def _accept_frame(self, obj: Dict[str, Any]) -> Any:
-        kind = obj.get("type")
-        if not isinstance(kind, str) or kind not in _FRAMES:
-            raise RemoteProtocolError("bad-frame", f"unknown frame type {kind!r}")
-        if kind not in self._allowed_frames():
-            raise RemoteProtocolError("unexpected-frame", f"{kind!r} is not allowed here")
-        event = _build_event(kind, obj)
-        self._first = False
-        if isinstance(event, Offer):
-            self._entries_left, self._bytes_left = event.entries, event.size
-            self._awaiting_accept = True
-        elif isinstance(event, (FileHeader, Folder)):
-            if event.index != self._next_index:
-                raise RemoteProtocolError("bad-index", f"entry {event.index} where entry {self._next_index} was due")
-            self._next_index += 1
-            self._entries_left -= 1
-        if isinstance(event, FileHeader):
-            if event.size > self._bytes_left:  # the offer's size was checked against free space
-                raise RemoteProtocolError("size-mismatch", f"file of {event.size} bytes exceeds what the offer "
-                                                           f"announced ({self._bytes_left} left)")
-            self._bytes_left -= event.size
-            self._expect_end = True
-            if event.size:
-                self._state = _DATA
-                self._data_left = event.size
-                self._expect_end = False
-        elif isinstance(event, (FileEnd, Failed)):
-            self._expect_end = False
+
+def check_preface(preface: bytes) -> None:
+    if preface[:len(MAGIC)] != MAGIC:
+        raise RemoteProtocolError("bad-magic", "not a tnet peer")
+    if preface[len(MAGIC)] != VERSION:
+        raise RemoteProtocolError("unsupported-version",
+                                  f"peer speaks version {preface[len(MAGIC)]}, this is version {VERSION}")
+
+
+# --- The exchange: who may send what, when (§4.1) -----------------------------
+#
+# Everything that decides whether a frame may be sent or received now lives
+# here, for both ends, in the manner of h11's _state.py: one table of which
+# frame each role may send in each state, a few guards that count (entries
+# in order, sizes against the offer, answers once each), and one Exchange
+# per connection that both ``send`` and ``receive_data`` advance.
+
+
+class Role(enum.Enum):
+    INITIATOR = "initiator"  #: opened the connection
+    ACCEPTOR = "acceptor"  #: took it on its listener
+
+
+class State(enum.Enum):
+    OPENING = "opening"  #: prefaces only: the initiator's first frame decides the exchange
+    MESSAGE = "message"  #: a message is out; the acceptor's ack (or error) is due
+    OFFERED = "offered"  #: an offer is out; the acceptor says wait, accept or error
+    STREAMING = "streaming"  #: accepted: entries one way, between two of them; answers the other way
+    FILE_DATA = "file-data"  #: a file's raw bytes are due (no frame can come from the initiator)
+    FILE_END = "file-end"  #: the file's bytes are through; its end (or failed) is due
+    DONE = "done"  #: complete: only closing is left
+    CLOSED = "closed"  #: an error frame was sent or received: nothing more
+
+
+_ANSWERING = {"done": None, "failed": None, "wait": None, "error": State.CLOSED}  # None: the state stays
+# (role that sends, state) -> {frame type: next state}. A missing key is the error.
+EXCHANGE_RULES: Dict[Tuple[Role, State], Dict[str, Optional[State]]] = {
+    (Role.INITIATOR, State.OPENING): {"announce": State.DONE, "message": State.MESSAGE, "offer": State.OFFERED,
+                                      "error": State.CLOSED},
+    (Role.ACCEPTOR, State.OPENING): {"error": State.CLOSED},  # refused before a word: busy
+    (Role.INITIATOR, State.MESSAGE): {"error": State.CLOSED},
+    (Role.ACCEPTOR, State.MESSAGE): {"ack": State.DONE, "error": State.CLOSED},
+    (Role.INITIATOR, State.OFFERED): {"error": State.CLOSED},  # nothing before the accept: ACCEPT=ask holds
+    (Role.ACCEPTOR, State.OFFERED): {"wait": None, "accept": State.STREAMING, "error": State.CLOSED},
+    (Role.INITIATOR, State.STREAMING): {"file": State.FILE_DATA, "folder": None, "error": State.CLOSED},
+    (Role.ACCEPTOR, State.STREAMING): _ANSWERING,
+    (Role.INITIATOR, State.FILE_DATA): {},  # raw bytes only
+    (Role.ACCEPTOR, State.FILE_DATA): _ANSWERING,
+    (Role.INITIATOR, State.FILE_END): {"end": State.STREAMING, "failed": State.STREAMING, "error": State.CLOSED},
+    (Role.ACCEPTOR, State.FILE_END): _ANSWERING,
+    (Role.INITIATOR, State.DONE): {},
+    (Role.ACCEPTOR, State.DONE): {},
+    (Role.INITIATOR, State.CLOSED): {},
+    (Role.ACCEPTOR, State.CLOSED): {},
+}
+_OTHER = {Role.INITIATOR: Role.ACCEPTOR, Role.ACCEPTOR: Role.INITIATOR}
+
+
+class Exchange:
+    """One connection between two daemons, seen from one end. No I/O.
+
+    ``send(event)`` turns an event into bytes and advances the state;
+    ``receive_data(data)`` and ``feed_eof()`` turn the peer's bytes into
+    events and advance it too. Sending what the state forbids raises
+    ``LocalProtocolError`` ("... cannot be sent in state ..."), at the call;
+    receiving it raises ``RemoteProtocolError``, after which the exchange
+    refuses all further input. File bytes come out as ``FileData`` chunks
+    that view the fed buffer; a sender that writes them itself (sendfile)
+    reports them with ``sent_file_bytes``.
+    """
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.OPENING
+        self._reader = FrameReader()
+        self._reader.max_frame = MAX_FRAME_BYTES if role is Role.ACCEPTOR else MAX_HEADER_BYTES
+        self._preface_sent = False
+        self._error: Optional[RemoteProtocolError] = None
+        self.entries = 0  # of the offer
+        self.next_index = 0  # the entry due next
+        self.bytes_left = 0  # of the size the offer announced
+        self.file_index = -1  # the file in flight
+        self.file_bytes_left = 0  # its raw bytes still due
+        self.answered = bytearray()  # per entry: 1 once done or failed was said
+        self.answers = 0
+
+    # -- what the caller asks
+
+    @property
+    def opened(self) -> bool:
+        """Whether the initiator's first frame is through (the handshake is over)."""
+        return self.state is not State.OPENING
+
+    @property
+    def data_remaining(self) -> int:
+        """Raw file bytes due from the peer before its next frame: a receive size hint."""
+        return self._reader.data_left
+
+    @property
+    def complete(self) -> bool:
+        return self.state is State.DONE
+
+    # -- sending
+
+    def send_preface(self) -> bytes:
+        if self._preface_sent:
+            raise LocalProtocolError("bad-event", "the preface is sent once")
+        self._preface_sent = True
+        return PREFACE
+
+    def send(self, event: Any) -> bytes:
+        """The bytes of ``event``, which this end now sends (§4.1)."""
+        if not self._preface_sent:
+            raise LocalProtocolError("bad-event", "the preface goes first")
+        if isinstance(event, FileData):
+            self.sent_file_bytes(len(event.data))
+            return bytes(event.data)
+        data = encode_frame(event)
+        self._advance(self.role, event)
+        return data
+
+    def sent_file_bytes(self, count: int) -> None:
+        """``count`` bytes of the file in flight went out another way (sendfile)."""
+        if self.role is not Role.INITIATOR or self.state is not State.FILE_DATA or count > self.file_bytes_left:
+            raise LocalProtocolError("bad-event", f"{count} file bytes cannot be sent in state {self.state.value}")
+        self._file_bytes(count)
+
+    # -- receiving
+
+    def receive_data(self, data: Union[bytes, bytearray, memoryview]) -> List[Any]:
+        if self._error is not None:
+            raise self._error
+        events: List[Any] = []
+        try:
+            for item in self._reader.items(data):
+                if isinstance(item, FileData):
+                    self._file_bytes(len(item.data))
+                    events.append(item)
+                    continue
+                events.append(self._receive_frame(item))
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        return events
+
+    def feed_eof(self) -> List[Any]:
+        """The peer closed its side: legal once the exchange allows it."""
+        if self._error is not None:
+            raise self._error
+        if not self._reader.at_boundary:
+            what = "before the preface" if self._reader._state == _PREFACE else "mid-frame or mid-file"
+            self._error = RemoteProtocolError("truncated", f"connection closed {what}")
+        elif self.state in (State.DONE, State.CLOSED):
+            return []
+        elif self.role is Role.ACCEPTOR:
+            if self.state is State.MESSAGE or (self.state in (State.OFFERED, State.STREAMING)
+                                               and self.next_index == self.entries):
+                return []  # all it had to say is in: a sender that does not wait for our answer
+            self._error = RemoteProtocolError("truncated", "connection closed mid-exchange")
+        else:
+            self._error = RemoteProtocolError("peer-gone", "the receiver closed the connection")
+        raise self._error
+
+    def _receive_frame(self, obj: Dict[str, Any]) -> Any:
+        event = event_of(obj)
+        try:
+            self._advance(_OTHER[self.role], event)
+        except LocalProtocolError as exc:  # the rule the peer broke, in its terms
+            raise RemoteProtocolError(exc.code, exc.message) from None
+        if self.role is Role.ACCEPTOR and self.state is not State.OPENING:
+            self._reader.max_frame = MAX_HEADER_BYTES  # only the opening frame may be a long message
         return event
+
+    # -- the rules, for both directions
+
+    def _advance(self, sender: Role, event: Any) -> None:
+        """Apply ``event`` sent by ``sender``, or LocalProtocolError naming the rule it breaks."""
+        kind = _FRAME_TYPE[type(event)]
+        allowed = EXCHANGE_RULES[(sender, self.state)]
+        if kind not in allowed:
+            raise LocalProtocolError("unexpected-frame", f"{kind!r} cannot be sent by the {sender.value} in "
+                                                         f"state {self.state.value}")
+        guard = _GUARDS.get((sender, kind))
+        if guard is not None:
+            guard(self, event)
+        next_state = allowed[kind]
+        if next_state is not None:
+            self.state = next_state
+        if kind == "file" and event.size == 0:
+            self.state = State.FILE_END  # no raw bytes: its end is due at once
+        if (self.state is State.STREAMING and self.next_index == self.entries
+                and self.answers == self.entries):
+            self.state = State.DONE
+
+    def _take_offer(self, event: Offer) -> None:
+        self.entries, self.bytes_left = event.entries, event.size
+        self.answered = bytearray(event.entries)
+
+    def _take_entry(self, event: Any) -> None:
+        if self.next_index >= self.entries:
+            raise LocalProtocolError("unexpected-frame", f"entry {event.index} is one more than the "
+                                                         f"{self.entries} offered")
+        if event.index != self.next_index:
+            raise LocalProtocolError("bad-index", f"entry {event.index} where entry {self.next_index} was due")
+        if isinstance(event, FileHeader):
+            if event.size > self.bytes_left:  # the offer's size was checked against free space
+                raise LocalProtocolError("size-mismatch", f"file of {event.size} bytes exceeds what the offer "
+                                                          f"announced ({self.bytes_left} left)")
+            self.bytes_left -= event.size
+            self.file_index, self.file_bytes_left = event.index, event.size
+        self.next_index += 1
+
+    def _take_disowning(self, event: Failed) -> None:
+        if event.index != self.file_index:
+            raise LocalProtocolError("unexpected-frame", f"'failed' for entry {event.index}, which is not in flight")
+
+    def _take_answer(self, event: Any) -> None:
+        index = event.index
+        in_flight = index == self.file_index and self.state in (State.FILE_DATA, State.FILE_END)
+        if index >= self.next_index or self.answered[index] or in_flight:
+            raise LocalProtocolError("unexpected-frame", f"an answer for entry {index}, which was not sent whole "
+                                                         "or is answered")
+        self.answered[index] = 1
+        self.answers += 1
+
+    def _file_bytes(self, count: int) -> None:
+        self.file_bytes_left -= count
+        if self.file_bytes_left == 0 and self.state is State.FILE_DATA:
+            self.state = State.FILE_END
+
+
+# (role that sends, frame type) -> the check that counts: entries in order, sizes within the offer,
+# an answer once per entry sent.
+_GUARDS: Dict[Tuple[Role, str], Callable[[Exchange, Any], None]] = {
+    (Role.INITIATOR, "offer"): Exchange._take_offer,
+    (Role.INITIATOR, "file"): Exchange._take_entry,
+    (Role.INITIATOR, "folder"): Exchange._take_entry,
+    (Role.INITIATOR, "failed"): Exchange._take_disowning,
+    (Role.ACCEPTOR, "done"): Exchange._take_answer,
+    (Role.ACCEPTOR, "failed"): Exchange._take_answer,
+}
 
 
 # --- Discovery datagrams (§5) -------------------------------------------------
@@ -592,7 +746,7 @@ class DiscoveryRequest:
 
 def encode_discovery(request: DiscoveryRequest) -> bytes:
     body = {"type": "discover", "name": request.name, "nonce": request.nonce, "port": request.port}
-    datagram = PREFACE + _to_json(body).encode("utf-8")
+    datagram = PREFACE + to_json(body).encode("utf-8")
     if len(datagram) > MAX_DATAGRAM_BYTES:
         raise LocalProtocolError("datagram-too-large", f"over {MAX_DATAGRAM_BYTES} bytes")
     return datagram
@@ -606,7 +760,7 @@ def decode_datagram(datagram: bytes) -> DiscoveryRequest:
         raise RemoteProtocolError("bad-magic", "not a tnet datagram")
     if datagram[len(MAGIC):len(PREFACE)] != bytes([VERSION]):
         raise RemoteProtocolError("unsupported-version", "unknown datagram version")
-    obj = _parse_json_object(datagram[len(PREFACE):], "datagram")
+    obj = parse_json_object(datagram[len(PREFACE):], "datagram")
     port = obj.get("port")
     if obj.get("type") != "discover":
         raise RemoteProtocolError("bad-frame", "a datagram's type is 'discover'")
@@ -614,114 +768,3 @@ def decode_datagram(datagram: bytes) -> DiscoveryRequest:
         raise RemoteProtocolError("bad-frame", "port must be 1 to 65535")
     name = check_host_name(obj.get("name"))  # type: ignore[arg-type]
     return DiscoveryRequest(name=name, nonce=_check_nonce(obj.get("nonce")), port=port)  # type: ignore[arg-type]
-
-
-# --- The local JSON API (§6) --------------------------------------------------
-
-
-class LineDecoder:
-    """Splits a byte stream into lines; an over-long line is fatal."""
-
-    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
-        self._buf = bytearray()
-        self._max_line = max_line
-        self._error: Optional[RemoteProtocolError] = None
-
-    def feed(self, data: bytes) -> List[bytes]:
-        """The complete, non-blank lines in the stream so far."""
-        if self._error is not None:
-            raise self._error
-        self._buf += data
-        lines = []
-        start = 0
-        while True:
-            newline = self._buf.find(b"\n", start)
-            if newline < 0 or newline - start > self._max_line:
-                break
-            line = bytes(self._buf[start:newline])
-            if line.strip():
-                lines.append(line)
-            start = newline + 1
-        del self._buf[:start]
-        if len(self._buf) > self._max_line:
-            self._error = RemoteProtocolError("line-too-long", f"a line is at most {self._max_line} bytes")
-            raise self._error
-        return lines
-
-
-@dataclass(frozen=True)
-class Request:
-    """One command from a local client (§6.1)."""
-
-    cmd: str
-    args: Dict[str, Any]
-
-
-_NUMBER = (int, float)
-# Command -> {argument: (types, required)}. Unknown arguments are refused so
-# that a typo is an error, not a silently ignored option.
-REQUESTS: Dict[str, Dict[str, Tuple[Any, bool]]] = {
-    "status": {},
-    "discover": {"timeout": (_NUMBER, False)},
-    "peers": {},
-    "send": {"peer": (str, True), "paths": (list, True)},
-    "message": {"peer": (str, True), "text": (str, True)},
-    "transfers": {},
-    "cancel": {"id": (str, True)},
-    "accept": {"id": (str, True)},
-    "decline": {"id": (str, True)},
-}
-MAX_DISCOVER_TIMEOUT_S = 30.0  # a window longer than this is a mistake
-
-
-def decode_request(line: bytes) -> Request:
-    """Parse and type-check one request line, or raise RemoteProtocolError."""
-    obj = _parse_json_object(line, "request")
-    cmd = obj.pop("cmd", None)
-    if not isinstance(cmd, str):
-        raise RemoteProtocolError("bad-request", "a request needs a string 'cmd'")
-    schema = REQUESTS.get(cmd)
-    if schema is None:
-        raise RemoteProtocolError("unknown-command", f"no command {cmd!r}; known: {', '.join(REQUESTS)}")
-    for name, value in obj.items():
-        if name not in schema:
-            raise RemoteProtocolError("bad-request", f"{cmd} takes no argument {name!r}")
-        types, _ = schema[name]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise RemoteProtocolError("bad-request", f"{cmd}: {name!r} has the wrong type")
-    for name, (_, required) in schema.items():
-        if required and name not in obj:
-            raise RemoteProtocolError("bad-request", f"{cmd} needs {name!r}")
-    if cmd == "send":
-        paths = obj["paths"]
-        if not paths or not all(isinstance(p, str) and p for p in paths):
-            raise RemoteProtocolError("bad-request", "send: 'paths' is a non-empty list of strings")
-    if cmd == "message":
-        try:
-            text_bytes = len(obj["text"].encode("utf-8"))
-        except UnicodeEncodeError:
-            raise RemoteProtocolError("bad-request", "message: text is not valid UTF-8") from None
-        if text_bytes > MAX_MESSAGE_BYTES:
-            raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
-    if "timeout" in obj and not 0 < obj["timeout"] <= MAX_DISCOVER_TIMEOUT_S:
-        raise RemoteProtocolError("bad-request", f"timeout must be over 0 and at most {MAX_DISCOVER_TIMEOUT_S:g} s")
-    return Request(cmd=cmd, args=obj)
-
-
-def encode_line(obj: Any) -> bytes:
-    """One JSON object as one line (§6). Printable non-ASCII stays UTF-8; every
-    other character (controls, C1 controls such as U+009B, DEL, format characters
-    such as U+202E, lone surrogates) is escaped as \\uXXXX, so that a line shown
-    on a terminal as it is cannot drive that terminal."""
-    text = _to_json(obj)
-    if not text.isprintable():  # outside strings JSON is printable ASCII: only string contents change
-        text = "".join(c if c.isprintable() else _json_escape(c) for c in text)
-    return text.encode("utf-8") + b"\n"
-
-
-def _json_escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"

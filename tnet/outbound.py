@@ -1,0 +1,407 @@
+"""The sending end: a connection we open to a peer (§4).
+
+``OutboundPeer`` answers a discovery (an announce), delivers a message, or
+sends a batch and collects the receiver's answers, for the local client
+that asked (anything with ``reply``, ``finish`` and ``fail``). ``FileSender``
+puts a batch's entries on the wire: frames and small files through the
+output buffer, large files with ``sendfile`` straight from the page cache,
+each hashed as it goes, read back once (§4.2).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import socket
+import stat
+from typing import Any, Dict, Optional, Protocol, Tuple
+
+from . import api
+from . import protocol as proto
+from .peers import MAX_OUT_BUFFER_BYTES, PeerConn, PeerContext
+from .util import printable
+from .walk import Entries
+
+log = logging.getLogger("tnet")
+
+SEND_CHUNK_BYTES = 4 * 1024 * 1024  # at most this per sendfile call
+INLINE_FILE_BYTES = 64 * 1024  # smaller files are read into the send buffer: batches
+HEADER_COST_BYTES = 64  # what a frame counts for in a wake-up's sending budget
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+class Client(Protocol):
+    """The local client a send or message answers to (clients.ClientConn)."""
+
+    closed: bool
+    job: Any
+
+    def reply(self, obj: Dict[str, Any]) -> None: ...
+
+    def finish(self, obj: Dict[str, Any]) -> None: ...
+
+    def fail(self, code: str, message: str, **extra: Any) -> None: ...
+
+
+class FileSender:
+    """The entries of one batch, put on the wire in order."""
+
+    def __init__(self, entries: Entries, exchange: proto.Exchange, buffer: memoryview) -> None:
+        self.entries, self.exchange, self.buffer = entries, exchange, buffer
+        self.next_entry = 0
+        self.fd = -1  # sendfile source (at explicit offsets); read in order for the hash
+        self.hasher: Any = None
+        self.index = -1  # the file in flight, or -1
+        self.size = 0
+        self.path = ""  # its local path
+        self.name = ""  # its name on the wire, joined
+        self.sent = 0  # bytes of it on the wire
+        self.stat: Optional[os.stat_result] = None
+        self.use_sendfile = hasattr(os, "sendfile")
+
+    @property
+    def in_file(self) -> bool:
+        return self.index >= 0
+
+    @property
+    def all_sent(self) -> bool:
+        return not self.in_file and self.next_entry == len(self.entries)
+
+    def start_entry(self, out: bytearray) -> int:
+        """The next entry's frame (and a small file's bytes) into ``out``;
+        bytes of budget it cost. LocalProtocolError for a file that cannot be read."""
+        entries, index = self.entries, self.next_entry
+        self.next_entry += 1
+        parts, size = entries.parts(index), entries.size(index)
+        self.name = "/".join(parts)
+        if entries.is_folder(index):
+            out += self.exchange.send(proto.Folder(index, parts))
+            return HEADER_COST_BYTES
+        path = entries.local_path(index)
+        reason = self.open_file(path, size)
+        if reason:
+            return self.disown(index, parts, out, reason)
+        self.index, self.size, self.path, self.sent, self.hasher = index, size, path, 0, hashlib.sha256()
+        out += self.exchange.send(proto.FileHeader(index, parts, size))
+        if size > INLINE_FILE_BYTES:
+            return HEADER_COST_BYTES
+        if size:
+            self.read_for_hash(size, out)
+            self.exchange.sent_file_bytes(size)
+        self.sent = size
+        return HEADER_COST_BYTES + size
+
+    def open_file(self, path: str, size: int) -> str:
+        """Open the file to send; '' or why it is not what the walk found."""
+        try:
+            # Never blocks (a FIFO swapped in would hold the loop until someone
+            # opens it) and never follows a link swapped in since the walk.
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
+            self.stat = os.fstat(self.fd)
+        except OSError as exc:
+            self.close_file()
+            if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO, errno.ENOTDIR):
+                return f"{path} was replaced or removed since the walk ({exc.strerror})"
+            raise proto.LocalProtocolError("file-error", f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(self.stat.st_mode):
+            self.close_file()
+            return f"{path} is no longer a regular file"
+        if self.stat.st_size != size:
+            self.close_file()
+            return f"{path} changed size since the offer"
+        return ""
+
+    def disown(self, index: int, parts: Tuple[str, ...], out: bytearray, reason: str) -> int:
+        """An entry that cannot be sent as offered fails alone: a header with
+        no bytes, then `failed` in place of its `end` (§4.2)."""
+        out += self.exchange.send(proto.FileHeader(index, parts, 0))
+        out += self.exchange.send(proto.Failed(index, "file-changed", proto.clip_text(reason)))
+        return HEADER_COST_BYTES
+
+    def send_piece(self, sock: socket.socket, out: bytearray) -> int:
+        """One sendfile (or read and queue) of the file in flight; the bytes
+        that went, each hashed. OSError from the socket; BlockingIOError: later."""
+        count = min(SEND_CHUNK_BYTES, self.size - self.sent)
+        if self.use_sendfile:
+            try:
+                sent = os.sendfile(sock.fileno(), self.fd, self.sent, count)
+            except OSError as exc:
+                if exc.errno not in _NO_SENDFILE:
+                    raise
+                self.use_sendfile = False  # e.g. a file system without it: copy instead
+                return 0
+            self.read_for_hash(sent)
+            self.exchange.sent_file_bytes(sent)
+        else:
+            before = len(out)
+            self.read_for_hash(count, out)  # hashed and read: it must go, with the next flush
+            sent = len(out) - before
+            self.exchange.sent_file_bytes(sent)
+        if sent == 0 and count:
+            raise proto.LocalProtocolError("file-changed", f"{self.path} shrank while being sent")
+        self.sent += sent
+        return sent
+
+    def read_for_hash(self, count: int, copy_to: Optional[bytearray] = None) -> None:
+        """Hash the next ``count`` bytes of the file (and append them to
+        ``copy_to``). Reading after sendfile costs a copy from the page cache
+        but keeps one pass of hashing per side (§4.2); the reads go into the
+        daemon's one receive buffer, so no chunk is ever allocated. sendfile
+        takes explicit offsets, so the descriptor's own position is the
+        hash's."""
+        view = self.buffer
+        while count:
+            n = os.readv(self.fd, [view[:min(count, len(view))]])
+            if n == 0:
+                raise proto.LocalProtocolError("file-changed", f"{self.name} shrank while being sent")
+            self.hasher.update(view[:n])
+            if copy_to is not None:
+                copy_to += view[:n]
+            count -= n
+
+    def finish_file(self, out: bytearray) -> None:
+        """Its `end`, or `failed` if it changed while being sent."""
+        assert self.stat is not None
+        now = os.fstat(self.fd)
+        if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
+            reason = proto.clip_text(f"{self.name} changed while being sent")
+            out += self.exchange.send(proto.Failed(self.index, "file-changed", reason))
+        else:
+            out += self.exchange.send(proto.FileEnd(self.hasher.hexdigest()))
+        self.close_file()
+        self.index = -1
+
+    def close_file(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class OutboundPeer(PeerConn):
+    """A connection we open to a peer: to announce, to message, or to send."""
+
+    kind = "outbound"
+    role = proto.Role.INITIATOR
+
+    def __init__(self, ctx: PeerContext, address: str, first: Any, client: Optional[Client] = None,
+                 entries: Optional[Entries] = None) -> None:
+        super().__init__(ctx, socket.socket(socket.AF_INET, socket.SOCK_STREAM), address)
+        self.first = first  # the frame that opens the exchange
+        self.client = client
+        self.entries = entries if entries is not None else Entries()
+        self.sender = FileSender(self.entries, self.exchange, ctx.buffer)
+        self.connected = False
+        self.streaming = False
+        self.answers = 0  # handled; the exchange counts them as they are read, a batch ahead
+        self.failures = 0
+        self.first_failure: Optional[Tuple[str, str]] = None  # (code, message)
+        self.total = self.entries.total
+        if client is not None:
+            client.job = self
+        if isinstance(first, proto.Offer):
+            self.id = ctx.new_transfer_id()
+            ctx.registry.transfers[self.id] = self
+        elif isinstance(first, proto.Announce):
+            ctx.registry.answering.add(self)
+
+    def connect(self, port: int) -> None:
+        """Start a non-blocking connect from BIND_ADDRESS; ``on_writable`` ends it."""
+        cfg, sock = self.ctx.config, self.sock
+        self.set_deadline(self.loop.clock() + cfg.handshake_timeout)
+        try:
+            sock.setblocking(False)
+            if cfg.bind_address != "0.0.0.0":
+                sock.bind((cfg.bind_address, 0))  # peers see our address
+            self.want_write(True)
+            err = sock.connect_ex((self.address, port))
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.unreachable(os.strerror(err))
+
+    def on_io_error(self, exc: OSError) -> None:
+        if self.connected:
+            super().on_io_error(exc)
+        else:
+            self.unreachable(os.strerror(exc.errno or errno.EIO))
+
+    def unreachable(self, reason: str) -> None:
+        self.drop("unreachable", f"cannot reach {self.address}: {reason}")
+
+    def on_deadline(self) -> None:
+        if not self.connected:  # SYNs unanswered: no host there, or a firewall
+            self.unreachable(f"no answer within {self.ctx.config.handshake_timeout:g} s")
+        else:
+            super().on_deadline()
+
+    def on_remote_error(self, exc: proto.RemoteProtocolError) -> None:
+        if exc.code == "peer-gone":  # it closed before answering everything: nothing to tell it
+            self.drop(exc.code, f"{self.address} closed the connection")
+        else:
+            super().on_remote_error(exc)
+
+    def cancel(self, code: str, message: str) -> None:
+        """The local client is gone or asked to stop."""
+        self.fail(code, message)
+
+    def on_writable(self) -> None:
+        if self.connected:
+            self.flush()
+            self.pump()
+            return
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.unreachable(os.strerror(err))
+            return
+        self.connected = True
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Connected: from now on the peer's silence is measured by IDLE_TIMEOUT.
+        self.set_deadline(self.loop.clock() + self.ctx.config.idle_timeout)
+        self.out += self.exchange.send_preface() + self.exchange.send(self.first)
+        if isinstance(self.first, proto.Announce):
+            self.linger()  # nothing to wait for but the requester's close
+        else:
+            self.flush()
+
+    def pump(self) -> None:
+        """Queue frames and small files up to a buffer's worth, then let the
+        kernel send big files straight from the page cache; a bounded amount
+        per wake-up, so that one fast peer does not starve the others."""
+        budget = SEND_CHUNK_BYTES
+        while self.streaming and not self.closed and budget > 0 and len(self.out) < MAX_OUT_BUFFER_BYTES:
+            if self.sender.in_file and self.out:
+                self.flush()  # a file's raw bytes go only after what was queued before them
+                if self.out:
+                    return
+            budget -= self.stream_step()
+        self.flush()
+
+    def stream_step(self) -> int:
+        """Put the next piece of the batch on the wire; return bytes of budget consumed."""
+        sender = self.sender
+        if sender.all_sent:
+            self.streaming = False  # all sent; answers are on their way
+            self.want_write(bool(self.out))
+            return SEND_CHUNK_BYTES
+        try:
+            if sender.in_file:
+                step = sender.send_piece(self.sock, self.out)
+                self.bytes_moved += step
+                self.touch(step)
+                self.report_progress(self.reply, self.ctx.config.report_progress_out)
+            else:
+                step = self.start_entry()
+        except proto.LocalProtocolError as exc:
+            self.fail(exc.code, exc.message)
+            return 0
+        except (BlockingIOError, InterruptedError):
+            return SEND_CHUNK_BYTES
+        except OSError as exc:
+            self.on_io_error(exc)
+            return 0
+        if sender.in_file and sender.sent == sender.size and not (self.closed or self.lingering):
+            sender.finish_file(self.out)
+        return max(step, 1)
+
+    def start_entry(self) -> int:
+        sender = self.sender
+        cost = sender.start_entry(self.out)
+        self.start_file(sender.name, self.entries.size(sender.next_entry - 1))
+        if sender.in_file and sender.sent == sender.size:
+            self.bytes_moved += sender.size  # a small file, queued whole
+        elif sender.in_file:
+            self.report_progress(self.reply, self.ctx.config.report_progress_out, force=True)  # a 0% line
+        else:
+            self.bytes_moved += self.entries.size(sender.next_entry - 1)  # a folder, or disowned
+        return cost
+
+    def wants_more_output(self) -> bool:
+        return self.streaming or not self.connected
+
+    def on_progress_out(self, sent: int) -> None:
+        self.touch(sent)  # the receiver reads: enough of that keeps us both alive
+
+    @property
+    def reply(self) -> Optional[Any]:
+        return self.client.reply if self.client is not None else None
+
+    # -- what the receiver says
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, proto.Ack):
+            self.result = ("ok", "")
+            if self.client:
+                self.client.finish({"peer": self.address, "name": event.name})
+            self.close()
+        elif isinstance(event, proto.Accept):
+            self.streaming = True
+            self.peer_name = event.name  # shown, never learnt: names come from discovery answers alone (§5)
+            self.started = self.loop.clock()
+            self.touch()
+            self.ctx.publish(api.transfer_started_event(self.describe(), len(self.entries)))
+            self.want_write(True)
+        elif isinstance(event, proto.Wait):
+            # The receiver asks its user, or copies files into place: allow that, and the usual silence on top.
+            self.set_deadline(self.loop.clock() + event.seconds + self.ctx.config.idle_timeout)
+        elif isinstance(event, (proto.Done, proto.Failed)):
+            self.on_answer(event)
+        else:  # the exchange lets nothing else through; an Error ends it
+            self.drop(event.code, event.message)
+
+    def on_answer(self, event: Any) -> None:
+        entries, index = self.entries, event.index
+        name = "/".join(entries.parts(index))
+        if isinstance(event, proto.Done):
+            result = {"event": "file-done", "file": name, "size": entries.size(index),
+                      "folder": entries.is_folder(index)}
+        else:
+            result = {"event": "file-failed", "file": name, "size": entries.size(index), "code": event.code,
+                      "error": event.message}
+            self.failures += 1
+            if self.first_failure is None:
+                self.first_failure = (event.code, event.message)
+        if self.client:
+            self.client.reply(dict(result, id=self.id))
+        self.answers += 1
+        if self.answers == len(entries):
+            self.complete()
+
+    def complete(self) -> None:
+        seconds = self.loop.clock() - self.started
+        summary = {"id": self.id, "direction": "out", "peer": self.address, "name": self.peer_name,
+                   "files": len(self.entries), "bytes": self.total, "seconds": round(seconds, 3)}
+        if self.first_failure is not None:
+            code, message = self.first_failure
+            self.result = self.first_failure
+            self.ctx.publish(api.transfer_failed_event(summary, code, message))
+            if self.client:
+                self.client.fail(code, f"{self.failures} of {len(self.entries)} failed; first: {message}", **summary)
+        else:
+            self.result = ("ok", "")
+            self.ctx.publish(api.transfer_done_event(summary))
+            if self.client:
+                self.client.finish(summary)
+        self.close()
+
+    def on_concluded(self, code: str, message: str) -> None:
+        self.streaming = False
+        self.sender.close_file()
+        if self.id:
+            self.ctx.publish(api.transfer_failed_event(self.describe(), code, message))
+        client, self.client = self.client, None
+        if client is not None and not client.closed:
+            client.fail(code, message)
+        if self.id:
+            log.warning("transfer %s to %s failed: %s: %s", self.id, self.address, code, printable(message))
+        else:
+            log.info("to %s: %s: %s", self.address, code, printable(message))
+
+    def on_closed(self) -> None:
+        super().on_closed()
+        self.sender.close_file()
+        self.ctx.registry.answering.discard(self)
