@@ -320,3 +320,22 @@ def tnet_on_path(folder: Path) -> str:
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m tnet "$@"\n')
     wrapper.chmod(0o755)
     return f"{folder}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
+# The last code that landed before wire protocol and local API changed shape
+# inside (the exchange state machine); the tests check that today's daemon
+# still speaks with it, both ways.
+PREVIOUS_MAIN = "1eef014"
+
+
+def previous_code(rev: str, into: Path) -> Path:
+    """The package as it was at ``rev``, from this clone's git history, in ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tnet"], capture_output=True)
+    if archive.returncode != 0:
+        reason = f"cannot check out {rev} from git: {archive.stderr.decode(errors='replace').strip()}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
