@@ -12,6 +12,7 @@ PACKAGE = Path(tnet.__file__).parent
 ALLOWED = {
     "protocol": set(),
     "util": set(),
+    "http": {"protocol", "util"},
     "cli": {"protocol", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "store": {"protocol"},
     "loop": set(),
