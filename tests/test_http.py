@@ -124,6 +124,11 @@ def test_lf_only_line_endings_and_leading_empty_lines_are_accepted():
                       ("data", b"ab"), h.EndOfMessage()]
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_any_bytes_like_input(kind):
+    assert drive("server", [kind(STREAM[:70]), kind(STREAM[70:])]) == STREAM_EVENTS
+
+
 def test_header_accessors():
     request = serve(b"GET /x?a=1&b=%C3%A9&c= HTTP/1.1\r\nHost: a\r\nAccept: x\r\nACCEPT:  y \r\nEmpty:\r\n\r\n")[0]
     assert request.headers == (("host", "a"), ("accept", "x"), ("accept", "y"), ("empty", ""))
@@ -433,7 +438,7 @@ def test_content_length_digits_limit():
     def head(digits):
         return b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: " + digits + b"\r\n\r\n"
     conn = h.Connection("server")
-    conn.feed(head(b"0" * 40 + b"9" * h.MAX_LENGTH_DIGITS))  # leading zeros are no size
+    conn.feed(head(b"0" * 5000 + b"9" * h.MAX_LENGTH_DIGITS))  # leading zeros are no size
     assert conn.body_length == 10 ** h.MAX_LENGTH_DIGITS - 1
     assert refusal("server", head(b"1" + b"0" * h.MAX_LENGTH_DIGITS)).status == 413
 
@@ -506,6 +511,22 @@ def test_any_bytes_give_events_or_http_error(data, role):
         assert 400 <= exc.status <= 505 and exc.code
         return
     assert all(isinstance(e, (h.Request, h.Response, h.EndOfMessage, tuple)) for e in events)
+
+
+FRAGMENTS = [b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 100 Continue\r\n", b"Host: a\r\n",
+             b"Content-Length: ", b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n", b"\r\n", b"\n",
+             b"\r", b" ", b"\t", b":", b";", b",", b"0", b"5", b"f", b"x", b"\x00", b"\xff", b"0" * 5000]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40), st.sampled_from(["server", "client"]),
+       st.lists(st.integers(0, 6000), max_size=5))
+def test_plausible_fragments_give_events_or_http_error(parts, role, points):
+    data = b"".join(parts)
+    try:
+        drive(role, split_at(data, points), limit=100)
+    except h.HttpError as exc:
+        assert exc.code
 
 
 HEADS = [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -1,36 +1,28 @@
 """HTTP/1.1 messages, bytes in and events out, without any I/O.
 
 A sans-IO codec for the HTTP/1.1 (RFC 9112) that LocalSend v2 speaks, in the
-manner of h11. It holds:
-
-* the limits, each with the reason for its value;
-* frozen events: ``Request`` and ``Response`` (a message's head), ``Data`` (a
-  piece of its body) and ``EndOfMessage``;
-* ``Connection``, which parses one direction of one connection: requests for a
-  ``"server"``, responses for a ``"client"``;
-* ``encode_*`` functions for heads, whole messages and chunks;
-* helpers for a target's query string and a JSON body;
-* ``HttpError``, which carries the status a server answers with.
+manner of h11. It holds the limits, each with its reason; frozen events
+(``Request`` and ``Response`` heads, ``Data`` pieces of a body, ``EndOfMessage``);
+``Connection``, which parses what one peer sends (requests for a ``"server"``,
+responses for a ``"client"``); ``encode_*`` for heads, messages and chunks;
+helpers for a query string and a JSON body; and ``HttpError``, which carries
+the status a server answers with.
 
 It must not touch sockets, files, clocks or TLS, and knows no LocalSend schema.
 Bodies are streamed, never accumulated: ``Data`` views the fed buffer, and a
-body of known length costs O(1) per ``feed`` however large it is.
-
-Parsing pauses at two points, so that the caller decides before more is read::
+body of known length costs O(1) per ``feed`` however large it is. Parsing
+pauses so that the caller decides before more is read::
 
     conn = Connection("server")
-    conn.feed(data)             # [..., Request]: it pauses after every head
-    conn.accept_body(limit)     # [Data..., EndOfMessage]: a larger body is a 413
-    ...                         # send the response, then:
-    conn.start_next_cycle()     # the next request on a kept-alive connection
+    conn.feed(data)            # [..., Request]: it pauses after every head
+    conn.accept_body(limit)    # [Data..., EndOfMessage]: a larger body is a 413
+    conn.start_next_cycle()    # once the response is out: the next request
 
-A client calls ``expect_response(method)`` after sending each request, in place
-of ``start_next_cycle``. While ``paused``, fed bytes are held (up to
-``MAX_HELD_BYTES``); the resuming call returns their events.
-
-Leniency, as in h11: a bare LF ends a line as CRLF does, and empty lines before
-a request or status line are skipped (RFC 9112 §2.2). Everything else that RFC
-9112 calls invalid is refused, obsolete line folding included.
+A client calls ``expect_response(method)`` after sending each request. While
+``paused``, fed bytes are held (up to ``MAX_HELD_BYTES``) and the resuming call
+returns their events. Leniency, as in h11: a bare LF ends a line as CRLF does,
+and empty lines before a start line are skipped (RFC 9112 §2.2). All else that
+RFC 9112 calls invalid is refused, obsolete line folding included.
 """
 
 from __future__ import annotations
@@ -66,6 +58,7 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9]{2})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 §5.5)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_TARGET = re.compile(r"[\x21-\x7e]+")
 _HEAD_END = re.compile(rb"\n\r?\n")
 _EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _NO_BODY_STATUSES = (204, 304)  # and 1xx; RFC 9112 §6.3
@@ -161,15 +154,10 @@ _PAUSED = (State.IDLE, State.BODY_WAIT, State.DONE)
 
 
 class Connection:
-    """Parses what one peer sends on one connection. No I/O.
-
-    ``role`` is ``"server"`` (we read requests) or ``"client"`` (we read
-    responses). ``feed`` and ``feed_eof`` return events; ``accept_body``,
-    ``start_next_cycle`` and ``expect_response`` resume a paused parse and return
-    the events of the bytes held meanwhile. All of them raise ``HttpError`` for
-    bad input, after which every call raises it again, and ``LocalProtocolError``
-    when called out of turn.
-    """
+    """Parses what one peer sends on one connection: requests for a ``"server"``,
+    responses for a ``"client"``. Every method returns events; each raises
+    ``HttpError`` for bad input (and again on every later call), and
+    ``LocalProtocolError`` when called out of turn."""
 
     def __init__(self, role: str) -> None:
         if role not in ("server", "client"):
@@ -313,9 +301,9 @@ class Connection:
             del buf[:skipped]
             self._scanned = 0
         end = _HEAD_END.search(buf, max(self._scanned - 2, 0))
+        self._check_size(end.start() + 1 if end else -1)
         if end is None:
             self._scanned = len(buf)
-            self._check_partial_head()
             return pos + taken
         extra = len(buf) - end.end()
         head = bytes(buf[:end.start() + 1])
@@ -324,30 +312,20 @@ class Connection:
         self._parse_head(head, events)
         return pos + taken - extra
 
-    def _check_partial_head(self) -> None:
-        """Refuse an incomplete head as soon as no completion could be within the limits."""
+    def _check_size(self, end: int) -> None:
+        """Refuse a whole head (its blank line at ``end``) over the limits, or a
+        partial one (``end`` is -1) as soon as no ending could bring it within."""
         buf = self._buf
         lf = buf.find(b"\n", 0, MAX_START_LINE_BYTES + 2)
-        if lf < 0:
-            if len(buf) > MAX_START_LINE_BYTES + 1:  # the last byte may be the line's CR
-                raise self._start_line_too_long()
-            return
-        if lf - (lf > 0 and buf[lf - 1] == 0x0D) > MAX_START_LINE_BYTES:
-            raise self._start_line_too_long()
-        if len(buf) > lf + 1 + MAX_HEADER_BYTES + 2:
+        start = len(buf) - 1 if lf < 0 else lf - (buf[lf - 1:lf] == b"\r")  # the last byte may be a CR
+        if start > MAX_START_LINE_BYTES:
+            raise HttpError(414, "start-line-too-long", f"a request or status line over {MAX_START_LINE_BYTES} bytes")
+        if lf >= 0 and (end if end >= 0 else len(buf) - 1) - lf - 1 > MAX_HEADER_BYTES:
             raise HttpError(431, "headers-too-large", f"header fields over {MAX_HEADER_BYTES} bytes")
-
-    def _start_line_too_long(self) -> HttpError:
-        return HttpError(414, "start-line-too-long", f"a request or status line is at most {MAX_START_LINE_BYTES} "
-                                                      "bytes")
 
     def _parse_head(self, head: bytes, events: List[Event]) -> None:
         """``head`` is the start line and field lines, each ending in LF or CRLF."""
         lines = [_strip_cr(line) for line in head.split(b"\n")[:-1]]
-        if len(lines[0]) > MAX_START_LINE_BYTES:
-            raise self._start_line_too_long()
-        if len(head) - head.index(b"\n") - 1 > MAX_HEADER_BYTES:
-            raise HttpError(431, "headers-too-large", f"header fields over {MAX_HEADER_BYTES} bytes")
         if len(lines) - 1 > MAX_HEADERS:
             raise HttpError(431, "too-many-headers", f"more than {MAX_HEADERS} header fields")
         headers = tuple(_parse_field(line) for line in lines[1:])
@@ -410,9 +388,9 @@ class Connection:
         values = {part.strip() for part in value.split(",")}
         if len(values) != 1 or not all(part.isdigit() and part.isascii() for part in values):
             raise HttpError(400, "bad-content-length", f"not one decimal length: {value!r}")
-        digits = values.pop()
-        if len(digits.lstrip("0")) > MAX_LENGTH_DIGITS:
-            raise HttpError(413, "body-too-large", f"Content-Length {digits[:40]}")
+        digits = values.pop().lstrip("0") or "0"  # int() refuses over 4300 digits, zeros included
+        if len(digits) > MAX_LENGTH_DIGITS:
+            raise HttpError(413, "body-too-large", f"Content-Length {digits[:40]}...")
         return int(digits)
 
     # -- the body
@@ -536,7 +514,7 @@ def encode_request_head(method: str, target: str, headers: HeadersIn) -> bytes:
     """A request line and fields; the caller sets any framing field and sends the body."""
     if not _TOKEN_RE.fullmatch(method.encode("latin-1", "replace")):
         raise LocalProtocolError("bad-method", f"not a method: {method!r}")
-    if not target or not _is_visible_ascii(target):
+    if not _TARGET.fullmatch(target):
         raise LocalProtocolError("bad-target", f"not a request target: {target!r}")
     return f"{method} {target} HTTP/1.1\r\n".encode("ascii") + _encode_fields(headers)
 
@@ -599,10 +577,6 @@ def _encode_fields(headers: HeadersIn) -> bytes:
             raise LocalProtocolError("bad-header-value", f"{name}: a control character or edge space: {value!r}")
         lines.append(name.encode("ascii") + b": " + raw + b"\r\n")
     return b"".join(lines) + b"\r\n"
-
-
-def _is_visible_ascii(text: str) -> bool:
-    return all("\x21" <= char <= "\x7e" for char in text)
 
 
 # --- Helpers for the caller ---------------------------------------------------
