@@ -174,6 +174,15 @@ def test_keep_alive_follows_version_and_connection(head, keep):
         assert conn.feed(GET) == []  # after a closing request nothing more is read
 
 
+def test_a_close_while_paused_is_read_after_the_held_bytes():
+    conn = h.Connection("server")
+    conn.feed(POST[:-1])
+    assert conn.feed_eof() == []
+    with pytest.raises(h.HttpError) as info:
+        conn.accept_body(5)
+    assert (info.value.status, info.value.code) == (400, "truncated")
+
+
 def test_calls_out_of_turn_are_local_errors():
     conn = h.Connection("server")
     with pytest.raises(LocalProtocolError):
