@@ -15,6 +15,7 @@ ALLOWED = {
     "protocol": set(),
     "util": set(),
     "api": {"protocol"},
+    "http": {"protocol", "util"},
     "cli": {"api", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "loop": set(),
     "store": {"protocol"},
