@@ -31,8 +31,10 @@ _hosts = itertools.count(0)
 _NET = 1 + os.getpid() % 200
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "a condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy or the deadline passes."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "a condition",
+               interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy or the deadline passes.
+    ``interval``: longer for a predicate that starts a process each time."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -40,7 +42,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def next_address() -> str:

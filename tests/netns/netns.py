@@ -6,7 +6,9 @@ A ``Lab`` builds, for one test:
   host's own interfaces;
 * one namespace per host, linked to the bridge by a veth pair (``eth0`` on the
   host's side), with a private address 10.x.y.n/24, ``lo`` up and no default
-  route: a LAN without a gateway;
+  route: a LAN without a gateway (``Lab(default_route=True)`` gives each host
+  ``default dev eth0`` instead, for programs that find their interface through
+  the routing table; the bridge still leads nowhere);
 * a ``tnet daemon`` per host, started as
   ``ip netns exec NS unshare --uts sh -c 'hostname NAME; exec python -m tnet daemon'``
   so that it has its own host name and runs with the default BIND_ADDRESS and
@@ -92,6 +94,8 @@ class Host:
         """Give eth0 its address, as ``ip addr add`` does by hand: no broadcast
         address is set (the kernel still routes the subnet's)."""
         self.run("ip", "addr", "add", f"{self.address}/24", "dev", "eth0")
+        if self.lab.default_route:
+            self.run("ip", "route", "add", "default", "dev", "eth0")
 
     def link(self, state: str) -> None:
         """``ip link set eth0 up|down`` inside this host."""
@@ -122,8 +126,9 @@ class NsDaemon(Daemon):
 class Lab:
     """Namespaces on one bridge, for one test."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, default_route: bool = False) -> None:
         self.root = root
+        self.default_route = default_route
         self.n = next(_labs)
         self.prefix = f"tn{_PID}n{self.n}"
         self.subnet = f"10.{1 + self.n % 250}.{_PID % 250}"
@@ -207,13 +212,14 @@ def remove_stale_namespaces() -> None:
             run("ip", "netns", "del", match.group(1), check=False)
 
 
-def make_lab(tmp_path: Path):
+def make_lab(tmp_path: Path, default_route: bool = False):
     """Generator for the ``lab`` fixture: skips (or fails in CI) where
-    namespaces cannot be made, and tears everything down afterwards."""
+    namespaces cannot be made, and tears everything down afterwards.
+    ``default_route``: see ``Lab`` (pytest leaves a parameter with a default alone)."""
     require_netns()
     if next(_labs_made) == 0:
         remove_stale_namespaces()
-    lab = Lab(tmp_path)
+    lab = Lab(tmp_path, default_route)
     try:
         try:
             lab.build()
