@@ -1,16 +1,31 @@
 """tnet: move files and short messages between machines on one local network.
 
-Four main modules: ``protocol`` (the wire format and the local JSON API,
-bytes to events and back, no I/O), ``daemon`` (the loop, its four sockets and
-the local commands), ``cli`` (the ``tnet`` command) and ``util``
-(configuration and small helpers). The daemon outgrew one evening's read, so
-four of its responsibilities have modules of their own: ``loop`` (a
-connection's socket, buffer and deadline; the timer heap), ``peers`` (the
-two ends of an exchange between daemons), ``store`` (placing verified
-files in the downloads folder, on folder descriptors) and ``walk`` (the
-files of a send, walked a slice at a time). Imports run one way: cli ->
-protocol, util; daemon -> peers -> store, walk, loop, protocol, util.
-docs/PROTOCOL.md describes the bytes.
+The package, top to bottom; a module imports only modules below it
+(tests/test_layout.py checks it, TYPE_CHECKING imports included):
+
+* ``cli``: the ``tnet`` command, talking to the daemon over the UNIX sockets.
+* ``daemon``: the wiring: makes the parts below, opens the four sockets,
+  accepts on them, refuses peers beyond the limits, stops cleanly.
+* ``commands``: what a local client may ask (``COMMANDS``), and the walk of
+  a send's folders a slice per turn.
+* ``inbound`` / ``outbound``: the two ends of an exchange with another
+  daemon, receiving files into the store, sending them with sendfile.
+* ``peers``: what both ends share (deadlines, backpressure, the lingering
+  close, ``PeerContext``: what a connection is handed instead of the daemon).
+* ``clients``: the local connections: command clients, events subscribers.
+* ``discovery``: our requests and the answers; whom to answer; the names.
+* ``store``: TEMP_DIR and FILE_SAVE_DIR on folder descriptors; placing files.
+* ``walk``: the files a send names, walked a slice at a time, held compactly.
+* ``loop``: the selector, timers, signals, slices of work, ``Conn``.
+* ``api``: the local JSON API (§6), pure.
+* ``protocol``: the wire format (§2-§5) and the whole exchange state machine
+  (``Exchange``, ``EXCHANGE_RULES``: who may send what, when), pure.
+* ``http``, ``x509``: an HTTP/1.1 codec and a certificate maker, pure, for
+  the LocalSend protocol.
+* ``util``: configuration and small helpers.
+
+A newcomer reads ``protocol`` (the rules), then ``daemon`` and the parts it
+names. docs/PROTOCOL.md describes the bytes and says where each rule lives.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
