@@ -15,6 +15,7 @@ ALLOWED = {
     "cli": {"protocol", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "store": {"protocol"},
     "loop": set(),
+    "history": {"protocol"},
     "peers": {"protocol", "loop", "store", "util"},
     "daemon": {"protocol", "loop", "peers", "store", "util"},
     "__main__": {"cli"},
