@@ -227,3 +227,23 @@ def test_history_path_follows_state_dir_then_xdg_state_home_then_home():
     assert history.history_path({"XDG_STATE_HOME": "/x", "HOME": "/h"}) == "/x/tnet/history.jsonl"
     assert history.history_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/tnet/history.jsonl"
     assert history.history_path({"HOME": "/h"}) == "/h/.local/state/tnet/history.jsonl"
+
+
+def test_a_failed_rewrite_keeps_every_entry_and_is_tried_again_a_slack_later(path, monkeypatch, caplog):
+    h = opened(path, max_entries=100)
+    for i in range(200):
+        h.append(note(i))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(history.tempfile, "mkstemp", full)
+    h.append(note(200))  # the entry is written; only the rewrite failed
+    assert len(lines_of(path)) == 201 and "cannot rewrite" in caplog.text
+    monkeypatch.undo()
+    for i in range(201, 301):
+        h.append(note(i))
+    assert len(lines_of(path)) == 301  # no new try on every append
+    h.append(note(301))
+    assert h.read() == ([note(i) for i in range(202, 302)], 0) and len(lines_of(path)) == 100
+    h.close()

@@ -1,23 +1,23 @@
 """The history file: every finished transfer and message, in and out.
 
-Holds ``History``, which owns ``STATE_DIR/history.jsonl`` (one JSON object a
-line, newest last), the builders of its entries (``transfer_entry``,
-``message_entry``) and ``history_path``, which finds the file from the
-environment. Appends are one ``os.write`` of a whole line to an O_APPEND
-descriptor, so a crash leaves at most a half line at the very end; the next
-append starts a new line after it and reading skips it. The file is bounded:
-it may grow to HISTORY_MAX plus a slack, and is then rewritten, atomically,
-with the newest HISTORY_MAX entries, so an append costs O(1) amortised.
+Holds ``History``, owner of ``STATE_DIR/history.jsonl`` (one JSON object a line,
+newest last), the builders of its entries and ``history_path``. An append is one
+``os.write`` of a whole line to an O_APPEND descriptor: a crash leaves at most a
+half line at the end, which reading skips and the next append steps over. The
+file grows to HISTORY_MAX plus a slack, then is rewritten atomically with the
+newest HISTORY_MAX entries: O(1) per append, amortised.
 
-It does file I/O on that one file (and a temp file beside it) only: no
-sockets, no clock (the caller passes each entry's time), no following a link.
-One daemon writes a given file; readers (``tnet history``) may come and go.
+It does I/O on that one file (and a temp file beside it) only: no sockets, no
+clock (the caller passes each entry's time), never through a link. One daemon
+writes a given file; readers (``tnet history``) may come and go.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -151,7 +151,7 @@ class History:
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = -1
+            self._fd = -1
 
     def append(self, entry: Dict[str, Any]) -> None:
         """Write ``entry`` as one line. HistoryError if it cannot be; the file
@@ -162,7 +162,7 @@ class History:
         try:
             written = os.write(self._fd, line)
         except OSError as exc:
-            self._torn = self._ends_torn()
+            self._torn = True  # perhaps: a needless newline makes a blank line, which reading skips
             raise HistoryError("history-io", f"cannot append to {self.path}: {exc.strerror}") from None
         if written < len(line):  # a full disk: what was written is a half line
             self._torn = True
@@ -194,23 +194,12 @@ class History:
         return list(found), skipped
 
     def _count_lines(self) -> int:
-        size = os.fstat(self._fd).st_size
-        count = offset = 0
-        while offset < size:
-            chunk = os.pread(self._fd, READ_BYTES, offset)
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            offset += len(chunk)
-        self._torn = self._ends_torn()
+        with open(self._fd, "rb", closefd=False) as f:
+            f.seek(0)
+            count = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(READ_BYTES), b""))
+            end = f.tell()
+        self._torn = end > 0 and os.pread(self._fd, 1, end - 1) != b"\n"
         return count + int(self._torn)
-
-    def _ends_torn(self) -> bool:
-        try:
-            size = os.fstat(self._fd).st_size
-            return size > 0 and os.pread(self._fd, 1, size - 1) != b"\n"
-        except OSError:
-            return True  # unknown: a needless newline costs a blank line, which reading skips
 
     def _rewrite(self) -> None:
         """Replace the file with its newest HISTORY_MAX entries: two passes over
@@ -234,16 +223,16 @@ class History:
                                 out.write(item[0])
                                 kept += 1
             os.fsync(temp_fd)
-            _set_append(temp_fd)
+            fcntl.fcntl(temp_fd, fcntl.F_SETFL, fcntl.fcntl(temp_fd, fcntl.F_GETFL) | os.O_APPEND)
             os.replace(temp_path, self.path)
         except OSError as exc:
             if temp_fd >= 0:
                 os.close(temp_fd)
-                _remove_quietly(temp_path)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp_path)
             self._rewrite_at = self._lines + self.slack
             log.warning("cannot rewrite %s to its newest %d entries: %s", self.path, self.max_entries, exc.strerror)
             return
-        _fsync_folder(folder)
         os.close(self._fd)
         self._fd, self._lines, self._torn = temp_fd, kept, False
         self._rewrite_at = self.max_entries + self.slack
@@ -268,33 +257,6 @@ def _open_file(path: str, flags: int) -> int:
     return fd
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-
-
-def _set_append(fd: int) -> None:
-    import fcntl  # Unix only, like the file modes here
-
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename durable; a file system that cannot sync a folder still renamed."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _entries(f: IO[bytes]) -> Iterator[Optional[Tuple[bytes, Dict[str, Any]]]]:
     """(line, entry) for each good line, None for each corrupt one; blank lines
     are no entries. A line over MAX_LINE_BYTES is read past, never held."""
@@ -306,19 +268,13 @@ def _entries(f: IO[bytes]) -> Iterator[Optional[Tuple[bytes, Dict[str, Any]]]]:
             while line and not line.endswith(b"\n"):
                 line = f.readline(MAX_LINE_BYTES)
             yield None
-            continue
-        if not line.strip():
-            continue
-        entry = _parse(line)
-        yield None if entry is None else (line if line.endswith(b"\n") else line + b"\n", entry)
-
-
-def _parse(line: bytes) -> Optional[Dict[str, Any]]:
-    try:
-        entry = json.loads(line, parse_int=_parse_int)
-    except (ValueError, RecursionError):  # RecursionError: a line of a million "["
-        return None
-    return entry if isinstance(entry, dict) else None
+        elif line.strip():
+            try:
+                entry = json.loads(line, parse_int=_parse_int)
+            except (ValueError, RecursionError):  # RecursionError: a line of a million "["
+                entry = None
+            ok = isinstance(entry, dict)
+            yield (line if line.endswith(b"\n") else line + b"\n", entry) if ok else None
 
 
 def _parse_int(text: str) -> int:
