@@ -29,6 +29,7 @@ ALLOWED = {
                  "util", "walk"},
     "daemon": {"protocol", "clients", "commands", "discovery", "inbound", "loop", "outbound", "peers", "store",
                "util"},
+    "history": {"api"},
     "__main__": {"cli"},
     "x509": set(),
 }
