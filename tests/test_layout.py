@@ -14,6 +14,7 @@ ALLOWED = {
     "util": set(),
     "cli": {"protocol", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "store": {"protocol"},
+    "localsend": {"protocol"},
     "loop": set(),
     "peers": {"protocol", "loop", "store", "util"},
     "daemon": {"protocol", "loop", "peers", "store", "util"},
