@@ -17,6 +17,8 @@ ALLOWED = {
     "api": {"protocol"},
     "http": {"protocol", "util"},
     "cli": {"api", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
+    "store": {"protocol"},
+    "localsend": {"protocol"},
     "loop": set(),
     "store": {"protocol"},
     "walk": {"protocol", "util"},
