@@ -4,9 +4,9 @@ A sans-IO codec for the HTTP/1.1 (RFC 9112) that LocalSend v2 speaks, in the
 manner of h11. It holds the limits, each with its reason; frozen events
 (``Request`` and ``Response`` heads, ``Data`` pieces of a body, ``EndOfMessage``);
 ``Connection``, which parses what one peer sends (requests for a ``"server"``,
-responses for a ``"client"``); ``encode_*`` for heads, messages and chunks;
-helpers for a query string and a JSON body; and ``HttpError``, which carries
-the status a server answers with.
+responses for a ``"client"``) and hands each body to a ``_Body`` to read;
+``encode_*`` for heads, messages and chunks; helpers for a query string and a
+JSON body; and ``HttpError``, which carries the status a server answers with.
 
 It must not touch sockets, files, clocks or TLS, and knows no LocalSend schema.
 Bodies are streamed, never accumulated: ``Data`` views the fed buffer, and a
@@ -148,6 +148,7 @@ class State(enum.Enum):
 
 
 _PAUSED = (State.IDLE, State.BODY_WAIT, State.DONE)
+_BODY_STATES = (State.LENGTH, State.CHUNK_SIZE, State.CHUNK_DATA, State.CHUNK_END, State.TRAILER, State.UNTIL_EOF)
 
 
 # --- Parsing ------------------------------------------------------------------
@@ -166,22 +167,16 @@ class Connection:
         self.state = State.HEAD if role == "server" else State.IDLE
         self.keep_alive = True  #: whether another message may follow the current one
         self.body_length: Optional[int] = None  #: the current body's declared length (None: chunked or until EOF)
-        self._buf = bytearray()  # an incomplete head or line
+        self._buf = bytearray()  # an incomplete head
         self._scanned = 0  # how far _buf has been searched for the head's end
         self._held = b""  # bytes fed while paused
         self._eof = False
         self._error: Optional[HttpError] = None
         self._method = ""  # of the request a client awaits the response to
         self._chunked = False
-        self._left = 0  # bytes of the body or chunk still due
-        self._limit_left = 0  # bytes the caller still accepts of a chunked or EOF-delimited body
-        self._trailer_left = 0
-        self._saw_cr = False
-        self._steps = {
-            State.HEAD: self._step_head, State.LENGTH: self._step_data, State.CHUNK_DATA: self._step_data,
-            State.CHUNK_SIZE: self._step_chunk_size, State.CHUNK_END: self._step_chunk_end,
-            State.TRAILER: self._step_trailer, State.UNTIL_EOF: self._step_until_eof,
-        }
+        self._body = _Body()  # reads each body once its head has framed it
+        self._steps = {state: self._step_body for state in _BODY_STATES}
+        self._steps[State.HEAD] = self._step_head
 
     @property
     def paused(self) -> bool:
@@ -380,34 +375,66 @@ class Connection:
                 raise HttpError(501, "unsupported-transfer-coding", f"only chunked is understood: {coding!r}")
             self._chunked, self.body_length = True, None
         elif length is not None:
-            self.body_length = self._parse_length(length)
+            self.body_length = _parse_length(length)
         elif isinstance(head, Response):
             self.body_length, self.keep_alive = None, False  # the close ends the body
-
-    def _parse_length(self, value: str) -> int:
-        values = {part.strip() for part in value.split(",")}
-        if len(values) != 1 or not all(part.isdigit() and part.isascii() for part in values):
-            raise HttpError(400, "bad-content-length", f"not one decimal length: {value!r}")
-        digits = values.pop().lstrip("0") or "0"  # int() refuses over 4300 digits, zeros included
-        if len(digits) > MAX_LENGTH_DIGITS:
-            raise HttpError(413, "body-too-large", f"Content-Length {digits[:40]}...")
-        return int(digits)
 
     # -- the body
 
     def _start_body(self, max_bytes: int) -> List[Event]:
-        if self.body_length is not None and self.body_length > max_bytes:
-            raise HttpError(413, "body-too-large", f"{self.body_length} bytes, at most {max_bytes} taken here")
-        self._limit_left = max_bytes
-        if self._chunked:
-            self.state = State.CHUNK_SIZE
-        elif self.body_length is None:
-            self.state = State.UNTIL_EOF
-        elif self.body_length:
-            self.state, self._left = State.LENGTH, self.body_length
-        else:
+        self.state = self._body.start(self._chunked, self.body_length, max_bytes)
+        if self.state is State.DONE:
             return self._end_message([])  # paused again: the held bytes wait for the next cycle
         return self._resume()
+
+    def _step_body(self, view: memoryview, pos: int, events: List[Event]) -> int:
+        pos = self._body.step(view, pos, events)
+        self.state = self._body.state  # the body's state is the connection's until the message ends
+        if self.state is State.DONE:
+            self._end_message(events)
+        return pos
+
+
+class _Body:
+    """Reads one body for ``Connection`` once its framing is known (RFC 9112
+    §6.3, §7.1): bytes of a known length, bytes until the close, or chunks --
+    size lines, their bytes and line endings, then trailers. ``state`` is one of
+    the body's ``State``s, and ``DONE`` once it is complete; the connection
+    mirrors it after every step and adds the ``EndOfMessage``. Data passes as
+    slices of the fed view, so a known length costs one step per ``feed``."""
+
+    def __init__(self) -> None:
+        self.state = State.DONE
+        self._line = bytearray()  # an incomplete chunk-size or trailer line
+        self._left = 0  # bytes of the body or chunk still due
+        self._limit_left = 0  # bytes the caller still accepts of a chunked or EOF-delimited body
+        self._trailer_left = 0
+        self._saw_cr = False
+        self._steps = {
+            State.LENGTH: self._step_data, State.CHUNK_DATA: self._step_data,
+            State.CHUNK_SIZE: self._step_chunk_size, State.CHUNK_END: self._step_chunk_end,
+            State.TRAILER: self._step_trailer, State.UNTIL_EOF: self._step_until_eof,
+        }
+
+    def start(self, chunked: bool, length: Optional[int], max_bytes: int) -> State:
+        """Begin a body (``length`` None: chunked or until EOF) refusing (413) more
+        than ``max_bytes``; the first state, ``DONE`` at once for an empty body."""
+        if length is not None and length > max_bytes:
+            raise HttpError(413, "body-too-large", f"{length} bytes, at most {max_bytes} taken here")
+        self._limit_left = max_bytes
+        if chunked:
+            self.state = State.CHUNK_SIZE
+        elif length is None:
+            self.state = State.UNTIL_EOF
+        elif length:
+            self.state, self._left = State.LENGTH, length
+        else:
+            self.state = State.DONE
+        return self.state
+
+    def step(self, view: memoryview, pos: int, events: List[Event]) -> int:
+        """Read from ``view`` at ``pos`` in the current state; where reading stopped."""
+        return self._steps[self.state](view, pos, events)
 
     def _step_data(self, view: memoryview, pos: int, events: List[Event]) -> int:
         take = min(self._left, len(view) - pos)
@@ -417,7 +444,7 @@ class Connection:
             if self.state is State.CHUNK_DATA:
                 self.state, self._saw_cr = State.CHUNK_END, False
             else:
-                self._end_message(events)
+                self.state = State.DONE
         return pos + take
 
     def _step_until_eof(self, view: memoryview, pos: int, events: List[Event]) -> int:
@@ -460,7 +487,7 @@ class Connection:
             return pos
         field = _strip_cr(line[:-1])
         if not field:
-            self._end_message(events)
+            self.state = State.DONE
             return pos
         if len(line) > self._trailer_left:
             raise HttpError(431, "trailer-too-large", f"trailer fields over {MAX_TRAILER_BYTES} bytes")
@@ -471,16 +498,17 @@ class Connection:
     def _read_line(self, view: memoryview, pos: int, max_raw: int, status: int,
                    code: str) -> Tuple[Optional[bytes], int]:
         """One line with its LF, once it is complete; at most ``max_raw`` bytes in all."""
-        window = bytes(view[pos:pos + max_raw - len(self._buf)])
+        window = bytes(view[pos:pos + max_raw - len(self._line)])
         lf = window.find(b"\n")
         if lf >= 0:
-            line = bytes(self._buf) + window[:lf + 1]
-            self._buf.clear()
+            line = bytes(self._line) + window[:lf + 1]
+            self._line.clear()
             return line, pos + lf + 1
-        self._buf += window
-        if len(self._buf) >= max_raw:
+        self._line += window
+        if len(self._line) >= max_raw:
             raise HttpError(status, code, f"a line over {max_raw - 2} bytes")
         return None, pos + len(window)
+
 
 
 def _strip_cr(line: bytes) -> bytes:
@@ -502,6 +530,17 @@ def _parse_field(line: bytes) -> Tuple[str, str]:
     if _BAD_VALUE.search(value):
         raise HttpError(400, "bad-header-value", f"a control character in {name[:40]!r}")
     return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def _parse_length(value: str) -> int:
+    """A Content-Length value: one decimal length, repeated identically if at all (RFC 9110 §8.6)."""
+    values = {part.strip() for part in value.split(",")}
+    if len(values) != 1 or not all(part.isdigit() and part.isascii() for part in values):
+        raise HttpError(400, "bad-content-length", f"not one decimal length: {value!r}")
+    digits = values.pop().lstrip("0") or "0"  # int() refuses over 4300 digits, zeros included
+    if len(digits) > MAX_LENGTH_DIGITS:
+        raise HttpError(413, "body-too-large", f"Content-Length {digits[:40]}...")
+    return int(digits)
 
 
 # --- Encoding -----------------------------------------------------------------
