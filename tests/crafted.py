@@ -75,6 +75,7 @@ class Wire:
         self.events: List[Any] = []
         self.eof = False
         self.remote_error: Optional[proto.RemoteProtocolError] = None
+        self.resumes_answered: set = set()  # entries told `resume` already
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -169,6 +170,7 @@ class Receiver:
         got = 0
         while got < count:
             for event in list(wire.events):
+                answer_resumable(wire, event)
                 if isinstance(event, proto.FileData):
                     got += len(event.data)
                     wire.events.remove(event)
@@ -184,6 +186,7 @@ class Receiver:
         while True:
             for event in list(wire.events):
                 wire.events.remove(event)
+                answer_resumable(wire, event)
                 if isinstance(event, proto.FileData):
                     hasher.update(event.data)
                 elif isinstance(event, proto.FileHeader):
@@ -205,6 +208,20 @@ class Receiver:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def resume(index: int, offset: int = 0, prefix: bytes = b"", salt: bytes = b"\0" * 16) -> bytes:
+    """A receiver's `resume` (§7): it holds ``prefix`` of entry ``index``."""
+    digest = hashlib.sha256(salt + hashlib.sha256(prefix).digest()).hexdigest() if offset else \
+        hashlib.sha256(salt).hexdigest()
+    return frame({"type": "resume", "index": index, "offset": offset, "salt": salt.hex(), "sha256": digest})
+
+
+def answer_resumable(wire: Wire, event: Any) -> None:
+    """A file that may be resumed waits for the receiver's word: we hold nothing of it."""
+    if isinstance(event, proto.FileHeader) and event.mtime is not None and event.index not in wire.resumes_answered:
+        wire.resumes_answered.add(event.index)
+        wire.send(resume(event.index))
 
 
 def _main(argv: List[str]) -> int:

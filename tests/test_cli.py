@@ -296,9 +296,12 @@ def transfers_of(daemon) -> List[dict]:
 class MidFile:
     """A transfer held in the middle of a big file, whatever the machine's speed:
     the receiver (ACCEPT=ask) accepts while the sender is stopped (SIGSTOP);
-    the sender then streams into a stopped receiver until the socket buffers
-    are full, and is stopped again; the receiver, let go, reads what is queued
-    and waits for more. ``release()`` lets the sender go on."""
+    the sender announces the file while the receiver is stopped, and is
+    stopped in turn once it waits for the receiver to say what it holds (§7);
+    the receiver says so and is stopped; the sender then streams into the
+    stopped receiver until the socket buffers are full, and is stopped again;
+    the receiver, let go, reads what is queued and waits for more.
+    ``release()`` lets the sender go on."""
 
     def __init__(self, a, b, events, big: Path, *send_args: str) -> None:
         self.a, self.b, self.stopped = a, b, []
@@ -308,6 +311,14 @@ class MidFile:
             self.offer = events.wait_for(lambda e: e["event"] == "offer")
             self.hold(a)
             assert b.cli("accept", self.offer["id"]).returncode == 0
+            self.hold(b)
+            self.release(a)
+            wait_until(lambda: any(t["file"] for t in a.request("transfers")[-1]["transfers"]),
+                       what="the sender to announce the file")
+            self.hold(a)
+            self.release(b)
+            wait_until(lambda: any(t["file"] for t in b.request("transfers")[-1]["transfers"]),
+                       what="the receiver to answer it")
             self.hold(b)
             self.release(a)
             wait_until(lambda: any(t["bytes"] > 0 for t in a.request("transfers")[-1]["transfers"]),

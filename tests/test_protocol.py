@@ -182,7 +182,7 @@ def test_datagram_round_trip():
 PRE = p.encode_preface()
 MALFORMED = [
     ("bad-magic", b"HTTP/1.1 200\r\n"),
-    ("unsupported-version", b"TNET\x02"),
+    ("unsupported-version", b"TNET\x03"),
     ("bad-json", PRE + struct.pack(">I", 3) + b"{x}"),
     ("bad-json", PRE + struct.pack(">I", 4) + b"\xff\xfe{}"),
     ("bad-json", PRE + frame([1, 2])),
@@ -609,6 +609,10 @@ POOL = [
     p.Folder(1, ("e",)), p.FileData(b"x"), p.FileData(b"xyz"), p.FileEnd(SHA),
     p.Done(0), p.Done(1), p.Failed(0, "verify-failed", "no"), p.Failed(1, "file-changed", "no"),
     p.Error("cancelled", "stop"),
+    # version 2 (§7): a file that may be resumed, what the receiver holds, the rest from an offset
+    p.FileHeader(0, ("f",), 3, mtime=1), p.Resume(0, 2, NONCE, SHA), p.Resume(0, 0, NONCE, SHA),
+    p.Resume(0, 4, NONCE, SHA), p.FileFrom(0, 2, 1), p.FileFrom(0, 0, 3), p.FileFrom(0, 1, 2),
+    p.Offer("alpha", 2, 3, batch=NONCE),
 ]
 
 

@@ -18,6 +18,7 @@ from .protocol import MAX_MESSAGE_BYTES, RemoteProtocolError, parse_json_object,
 API_VERSION = 1  # of the local JSON API, §6
 MAX_LINE_BYTES = 1024 * 1024  # one request (a long list of paths)
 MAX_DISCOVER_TIMEOUT_S = 30.0  # a window longer than this is a mistake
+MAX_RETRY_FOR_S = 7 * 24 * 3600.0  # a send that keeps trying for more than a week is forgotten, not patient
 
 # --- Requests (§6.1) ------------------------------------------------------------
 
@@ -68,7 +69,7 @@ REQUESTS: Dict[str, Dict[str, Tuple[Any, bool]]] = {
     "status": {},
     "discover": {"timeout": (_NUMBER, False)},
     "peers": {},
-    "send": {"peer": (str, True), "paths": (list, True)},
+    "send": {"peer": (str, True), "paths": (list, True), "retry_for": (_NUMBER, False)},
     "message": {"peer": (str, True), "text": (str, True)},
     "transfers": {},
     "cancel": {"id": (str, True)},
@@ -106,6 +107,8 @@ def decode_request(line: bytes) -> Request:
             raise RemoteProtocolError("bad-request", "message: text is not valid UTF-8") from None
         if text_bytes > MAX_MESSAGE_BYTES:
             raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
+    if "retry_for" in obj and not 0 <= obj["retry_for"] <= MAX_RETRY_FOR_S:
+        raise RemoteProtocolError("bad-request", f"retry_for must be 0 to {MAX_RETRY_FOR_S:g} s")
     if "timeout" in obj and not 0 < obj["timeout"] <= MAX_DISCOVER_TIMEOUT_S:
         raise RemoteProtocolError("bad-request", f"timeout must be over 0 and at most {MAX_DISCOVER_TIMEOUT_S:g} s")
     return Request(cmd=cmd, args=obj)

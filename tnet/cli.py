@@ -322,7 +322,9 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
         paths.append(os.path.abspath(path))
     started: Dict[str, Any] = {}  # the "started" answer: the transfer id, for Ctrl-C
     try:
-        answer = show_send(request(env, "send", peer=args.peer, paths=paths), args, out, started)
+        retry_for = 0.0 if args.no_retry else args.retry_for
+        answer = show_send(request(env, "send", peer=args.peer, paths=paths, retry_for=retry_for), args, out,
+                           started)
     except KeyboardInterrupt:
         # Our connection is closed now, which cancels the transfer; say so
         # explicitly too, for a daemon that has not noticed yet.
@@ -366,12 +368,18 @@ def show_send(batches: Iterator[List[Dict[str, Any]]], args: argparse.Namespace,
                 progress.line(f"FAILED {name}: {answer['code']}: {printable(answer['error'])}")
             elif kind == "skipped":
                 progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
+            elif kind == "retrying":
+                progress.line(f"link lost, resuming (attempt {answer['attempt']}): {answer['code']}: "
+                              f"{printable(answer['error'])}")
         out.flush()  # once per batch received: a line per file, not a write per file
     if answer.get("ok") and not args.json:
         seconds = answer.get("seconds", 0)
         counted = plural(files, "file") + (f" and {plural(folders, 'folder')}" if folders else "")
+        resumed = answer.get("resumed_bytes") or 0
+        saved = f"; resuming saved {human_size(resumed)}" if resumed else ""
         progress.line(f"{counted}, {human_size(answer['bytes'])} in {duration(seconds)} "
-                      f"({human_rate(answer['bytes'], seconds)}) to {printable(answer.get('name') or answer['peer'])}")
+                      f"({human_rate(answer['bytes'], seconds)}) to {printable(answer.get('name') or answer['peer'])}"
+                      f"{saved}")
     return answer
 
 
@@ -551,6 +559,9 @@ def add_peer_commands(sub: Any) -> None:
             "\"photos\" exists); symbolic links inside it are skipped and reported, never followed.")
     p.add_argument("peer", help="IPv4 address or host name (as `tnet discover` lists it)")
     p.add_argument("files", nargs="+", metavar="FILE", help="files or folders")
+    p.add_argument("--retry-for", type=float, default=120.0, metavar="S",
+                   help="when the link breaks, try again (resuming) for up to S seconds (120)")
+    p.add_argument("--no-retry", action="store_true", help="fail at once when the link breaks")
     p = add_command(sub, "message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
             "tnet message laptop 'lunch?'",
             "echo 'build done' | tnet message laptop -")

@@ -3,15 +3,15 @@
 Each handler gets the ``Services`` (the parts of the daemon it may use), the
 client and the request's checked arguments; it answers with
 ``client.finish``/``client.fail`` at once or later (a discovery window, a
-transfer), and raises ``LocalProtocolError`` to refuse. ``WalkJob`` walks a
-send's folders a slice per turn of the loop before the offer goes out.
+transfer), and raises ``LocalProtocolError`` to refuse. A send is a
+``sending.SendJob``: the walk, then its attempts.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from . import __version__, api
 from . import protocol as proto
@@ -21,9 +21,10 @@ from .inbound import InboundPeer
 from .loop import Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext
+from .sending import DEFAULT_RETRY_FOR_S, SendJob
 from .store import Store
 from .util import Config
-from .walk import Entries, Walk
+from .walk import Walk
 
 
 @dataclass
@@ -64,6 +65,7 @@ def cmd_status(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
         "accept": cfg.accept,
         "idle_timeout": cfg.idle_timeout,
         "transfers": [conn.describe() for conn in services.transfers.values()],
+        "kept": kept_partials(services),
         "peers": len(services.discovery.directory.records),
         "subscribers": len(services.events.subscribers),
     })
@@ -97,68 +99,14 @@ def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) ->
 
 
 def cmd_send(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
-    job = WalkJob(services, client, Walk(args["paths"]), args["peer"])
+    retry_for = float(args.get("retry_for", DEFAULT_RETRY_FOR_S))
+    job = SendJob(services.peers, services.discovery, client, Walk(args["paths"]), args["peer"], retry_for)
     client.job = job
     services.loop.each_turn(job, job.step)
 
 
-class WalkJob:
-    """A send request's folders walked a slice per turn of the loop (others
-    are served meanwhile); then the peer is resolved and offered the batch."""
-
-    def __init__(self, services: Services, client: ClientConn, walk: Walk, peer: str) -> None:
-        self.services, self.client, self.walk, self.peer = services, client, walk, peer
-        self.closed = False
-        self.answered = False  # the client has its answer, or is gone
-
-    def label(self) -> str:
-        return "walk"
-
-    def step(self) -> None:
-        try:
-            done = self.walk.step()
-        except proto.LocalProtocolError as exc:
-            self.answered = True
-            self.close()
-            self.client.fail(exc.code, exc.message)
-            return
-        if done:
-            self.answered = True
-            self.close()
-            self.offer()
-
-    def offer(self) -> None:
-        client, walk, services = self.client, self.walk, self.services
-        client.job = None
-        for path in walk.skipped:
-            client.reply({"event": "skipped", "path": path,
-                          "reason": "not a regular file or folder (links are never followed)"})
-        unshown = walk.skipped_count - len(walk.skipped)
-        if unshown:
-            client.reply({"event": "skipped", "path": "", "reason": f"and {unshown} more not shown"})
-        entries = walk.entries
-        first = proto.Offer(services.config.host_name, len(entries), entries.total)
-        services.discovery.resolve(self.peer, lambda address: open_peer(services, client, address, first, entries),
-                                   client.fail)
-
-    def cancel(self, code: str, message: str) -> None:
-        self.answered = True  # the client is gone: nothing to tell
-        self.close()
-
-    def on_internal_error(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """End the walk; a client still waiting (after an internal error) is told."""
-        self.closed = True
-        self.services.loop.done(self)
-        if not self.answered:
-            self.answered = True
-            self.client.fail("internal-error", "internal error while walking the files; see the daemon log")
-
-
-def open_peer(services: Services, client: ClientConn, address: str, first: Any,
-              entries: Optional[Entries] = None) -> None:
+def open_peer(services: Services, client: ClientConn, address: str, first: Any) -> None:
+    """A message to ``address``."""
     if client.closed:
         return
     connections = services.peers.registry.connections
@@ -166,18 +114,21 @@ def open_peer(services: Services, client: ClientConn, address: str, first: Any,
         client.fail("busy", f"{len(connections)} connections open (MAX_CONNECTIONS)")
         return
     try:
-        conn = OutboundPeer(services.peers, address, first, client, entries)
+        conn = OutboundPeer(services.peers, address, first, client)
     except OSError as exc:  # no socket to be had (EMFILE): say so, not a traceback
         client.fail("io-error", f"cannot open a connection: {exc.strerror}")
         return
-    if conn.id:
-        client.reply({"event": "started", "id": conn.id, "peer": address, "files": len(conn.entries),
-                      "bytes": conn.total})
     conn.connect(services.config.receive_port)
 
 
 def cmd_transfers(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
-    client.finish({"transfers": [conn.describe() for conn in services.transfers.values()]})
+    client.finish({"transfers": [conn.describe() for conn in services.transfers.values()],
+                   "kept": kept_partials(services)})
+
+
+def kept_partials(services: Services) -> List[Dict[str, Any]]:
+    keep = services.peers.keep
+    return keep.listing() if keep is not None and keep.fd >= 0 else []
 
 
 def transfer_by_id(services: Services, transfer_id: str) -> PeerConn:

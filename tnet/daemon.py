@@ -33,6 +33,7 @@ from .clients import ClientConn, Events
 from .commands import Services, dispatcher
 from .discovery import Discovery
 from .inbound import InboundPeer
+from .keep import Keep
 from .loop import Listener, Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
@@ -84,8 +85,16 @@ class Daemon:
         cfg = self.config
         try:
             self.store.open(time.time())
+            if cfg.resume_keep_s:
+                self.peers.keep = Keep(self.store.temp, cfg.resume_keep_s, time.time)
+                files, size = self.peers.keep.open()
+                if files:
+                    log.info("removed %d expired or unreadable partial files (%d bytes) kept for resume", files, size)
         except StoreError as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"TEMP_DIR={cfg.temp_dir}: cannot keep partial files for resume: {exc.strerror}") \
+                from None
         ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections + 64)
         if self.store.other_file_system():
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
@@ -178,6 +187,8 @@ class Daemon:
             listener.close()
         for path in self.socket_paths:
             remove_quietly(path)
+        if self.peers.keep is not None:
+            self.peers.keep.close()
         self.store.close()
         self.loop.close()
 

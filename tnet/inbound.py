@@ -16,11 +16,13 @@ import errno
 import hashlib
 import logging
 import math
+import os
 import socket
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from . import api
 from . import protocol as proto
+from .keep import Keep, KeptFile, partial_key
 from .peers import MIN_PROGRESS_BYTES, PeerConn, PeerContext
 from .store import Copy, Store, TempFile, write_all
 from .util import printable
@@ -28,6 +30,11 @@ from .util import printable
 log = logging.getLogger("tnet")
 
 MAX_QUEUED_COPIES = 16  # files of one batch waiting to be copied in from another file system; then stop reading
+PREFIX_SLICE_BYTES = 8 * 1024 * 1024  # of a kept partial, hashed per turn of the loop before resuming it
+PREFIX_HASH_BYTES_S = 50 * 1024 * 1024  # the slowest a sender hashes its prefix: how long we wait for its bytes
+# A transfer that ends thus keeps what arrived of the file in flight, to be resumed (§7); any other
+# end (cancelled, declined, refused, a disk full, a lie) keeps nothing.
+KEEP_CODES = {"truncated", "peer-gone", "timeout", "io-error", "shutdown", "internal-error"}
 
 
 def disk_code(exc: OSError, otherwise: str) -> str:
@@ -42,6 +49,7 @@ class Intake:
         self.batch = store.new_batch()
         self.temp: Optional[TempFile] = None  # the file in flight
         self.hasher: Any = None
+        self.prefix_left = 0  # bytes of a kept partial still to hash before resuming it
         self.header: Optional[proto.FileHeader] = None
         # Files being copied into place from another file system, one at a time, in order.
         self.copies: Deque[Tuple[Copy, proto.FileHeader, str]] = collections.deque()  # copy, header, sha256
@@ -51,6 +59,97 @@ class Intake:
         self.header = header
         self.temp = self.store.new_temp()
         self.hasher = hashlib.sha256()
+
+    def open_resumable(self, header: proto.FileHeader, keep: Optional[Keep], sender: str, address: str) -> int:
+        """A file that may be resumed: the partial kept of it (claimed), or
+        a new one; the bytes held, to be hashed (``hash_prefix``) first."""
+        self.header, self.hasher, self.prefix_left = header, hashlib.sha256(), 0
+        kept = None
+        if keep is not None:
+            key = partial_key(self.store.save_dir, sender, header.path)
+            kept = keep.claim(key, sender, address, header.path, header.size, header.mtime or 0)
+        if kept is None:
+            self.temp = self.store.new_temp()
+            return 0
+        self.temp = kept
+        if kept.note:
+            log.warning("from %s: %s: %s", address, "/".join(header.path), kept.note)
+        os.lseek(kept.fd, 0, os.SEEK_SET)
+        self.prefix_left = kept.offset
+        return kept.offset
+
+    def hash_prefix(self) -> bool:
+        """One slice of the kept bytes into the file's hash; True once all are in."""
+        assert self.temp is not None
+        data = os.read(self.temp.fd, min(self.prefix_left, PREFIX_SLICE_BYTES))
+        if not data:
+            raise OSError(errno.EIO, "the kept partial shrank")
+        self.hasher.update(data)
+        self.prefix_left -= len(data)
+        return self.prefix_left == 0
+
+    def resume_frame(self, salt: bytes) -> proto.Resume:
+        """What we hold of the file in flight, its prefix hashed (§7): the
+        bytes and the SHA-256 of ``salt`` and the prefix's digest; none, and
+        the partial emptied, if it is not what its record says (a record
+        edited by hand, or a partial changed behind our back)."""
+        header, kept = self.header, self.temp
+        assert header is not None
+        held = kept.offset if isinstance(kept, KeptFile) else 0
+        if held and isinstance(kept, KeptFile):
+            held = self.checked_prefix(kept)
+        digest = hashlib.sha256(salt + self.hasher.digest()).hexdigest() if held else hashlib.sha256(salt).hexdigest()
+        return proto.Resume(header.index, held, salt.hex(), digest)
+
+    def take_from(self, offset: int) -> int:
+        """The sender sends from ``offset``: from 0 if our prefix is not its file's."""
+        if offset == 0 and self.held:
+            self.restart_file()
+        return offset
+
+    def checked_prefix(self, kept: KeptFile) -> int:
+        """The bytes held, if the record agrees: it names them and their hash
+        (a transfer that broke), or nothing yet (a daemon killed mid-file:
+        the final hash still checks every byte). 0 otherwise, emptied."""
+        recorded = (kept.record.get("kept"), kept.record.get("sha256"))
+        if recorded in ((0, ""), (kept.offset, self.hasher.hexdigest())):
+            return kept.offset
+        log.warning("%s: the kept partial does not match its record; starting over", "/".join(kept.record["path"]))
+        self.restart_file()
+        return 0
+
+    @property
+    def held(self) -> int:
+        """Bytes of the file in flight that a kept partial gave us."""
+        return self.temp.offset if isinstance(self.temp, KeptFile) else 0
+
+    def restart_file(self) -> None:
+        """The sender sends the whole file: what was held goes."""
+        assert self.temp is not None
+        os.ftruncate(self.temp.fd, 0)
+        os.lseek(self.temp.fd, 0, os.SEEK_SET)
+        self.hasher = hashlib.sha256()
+
+    def keep_or_discard(self, keep: bool, now: float) -> None:
+        """The exchange ended mid-file: keep what arrived for a resume, or nothing."""
+        temp = self.temp
+        if not (isinstance(temp, KeptFile) and keep):
+            self.discard_file()
+            return
+        self.temp = None
+        if self.prefix_left:  # still hashing what was kept before: it stays as it was
+            temp.release()
+        else:
+            temp.keep_for_later(os.fstat(temp.fd).st_size, self.hasher.hexdigest(), now)
+
+    def end(self, resumable: bool, keep: Optional[Keep], sender: str, batch: str, now: float) -> None:
+        """The exchange ended early: what arrived of the file in flight, and
+        where the batch's folders are, kept for a resume (§7), or nothing.
+        Before an error frame goes out: no `done` may follow it."""
+        self.keep_or_discard(resumable, now)
+        if resumable and batch and keep is not None:
+            keep.keep_batch_tops(sender, batch, self.batch.tops)
+        self.close()
 
     def write(self, data: Any) -> None:
         assert self.temp is not None  # the exchange lets data through only after `file`
@@ -106,6 +205,24 @@ class Intake:
         self.batch.close()
 
 
+def offer_refusal(ctx: PeerContext, address: str, offer: proto.Offer) -> Optional[Tuple[str, str]]:
+    """Why an offer is not taken (code, message), before any byte of it: the
+    policy, the folders, free space and inodes (§4.2)."""
+    cfg = ctx.config
+    if not cfg.allows(address):
+        return "refused", f"{cfg.host_name} does not take files from {address}"
+    try:
+        ctx.store.check_folders()
+        if ctx.keep is not None:
+            ctx.keep.ensure()
+    except proto.LocalProtocolError as exc:
+        return exc.code, f"on {cfg.host_name}: {exc.message}"
+    shortfall = ctx.store.shortfall(offer.size, offer.entries)
+    if shortfall:
+        return "no-space", f"not enough space on {cfg.host_name}: {shortfall}"
+    return None
+
+
 class InboundPeer(PeerConn):
     """A connection a peer opened to us: an announce, a message or a batch."""
 
@@ -134,7 +251,7 @@ class InboundPeer(PeerConn):
     def on_received(self, count: int) -> None:
         self.touch(count)  # a sender owes us bytes: only enough of them keep it alive
 
-    def backlogged(self) -> bool:
+    def backlogged(self) -> bool:  # our copies into place: no more files until they are done
         return len(self.intake.copies) >= MAX_QUEUED_COPIES
 
     def on_event(self, event: Any) -> None:
@@ -155,18 +272,12 @@ class InboundPeer(PeerConn):
     def _on_offer(self, event: proto.Offer) -> None:
         ctx, cfg = self.ctx, self.ctx.config
         self.offer, self.peer_name, self.total = event, event.name, event.size
-        if not cfg.allows(self.address):
-            self.fail("refused", f"{cfg.host_name} does not take files from {self.address}")
+        refusal = offer_refusal(ctx, self.address, event)
+        if refusal:
+            self.fail(*refusal)
             return
-        try:
-            ctx.store.check_folders()
-        except proto.LocalProtocolError as exc:
-            self.fail(exc.code, f"on {cfg.host_name}: {exc.message}")
-            return
-        shortfall = ctx.store.shortfall(event.size, event.entries)
-        if shortfall:
-            self.fail("no-space", f"not enough space on {cfg.host_name}: {shortfall}")
-            return
+        if event.batch and ctx.keep is not None:  # an attempt after a dropped link: the same top folders
+            self.intake.batch.tops.update(ctx.keep.batch_tops(event.name, event.batch))
         self.id = ctx.new_transfer_id()
         ctx.registry.transfers[self.id] = self
         if cfg.accept == "ask":
@@ -192,7 +303,7 @@ class InboundPeer(PeerConn):
 
     def on_deadline(self) -> None:
         cfg = self.ctx.config
-        if self.awaiting_decision:
+        if self.awaiting_decision:  # nobody answered the offer
             self.fail("declined", f"no one on {cfg.host_name} accepted within {cfg.ask_timeout:g} s")
         elif not self.exchange.opened and not self.lingering:
             self.drop("timeout", f"{self.address} did not open its exchange within {cfg.handshake_timeout:g} s")
@@ -202,12 +313,53 @@ class InboundPeer(PeerConn):
     def _on_file(self, event: proto.FileHeader) -> None:
         self.start_file("/".join(event.path), event.size)
         try:
-            self.intake.open_file(event)
+            if event.mtime is None:
+                self.intake.open_file(event)
+            elif self.intake.open_resumable(event, self.ctx.keep, self.peer_name, self.address):
+                self.loop.each_turn(self, self.step_work)  # its kept bytes are hashed first, then answered
+                return
+            else:
+                self.answer_resume()
         except OSError as exc:
             self.fail(disk_code(exc, "temp-failed"), f"cannot create a temp file in TEMP_DIR on "
                                                      f"{self.ctx.config.host_name}: {exc.strerror}")
             return
         self.report_progress(None, self.ctx.config.report_progress_in, force=True)
+
+    def answer_resume(self) -> None:
+        """Say how much of the file in flight we hold (§7), and give the
+        sender time to hash as much of its own."""
+        resume = self.intake.resume_frame(os.urandom(16))
+        self.send_event(resume)
+        self.set_deadline(self.loop.clock() + self.ctx.config.idle_timeout + resume.offset / PREFIX_HASH_BYTES_S)
+
+    def _on_from(self, event: proto.FileFrom) -> None:
+        self.bytes_moved += self.intake.take_from(event.offset)
+        self.report_progress(None, self.ctx.config.report_progress_in, force=True)
+
+    def step_work(self) -> None:
+        """Per turn: a slice of the kept bytes being hashed, or of the first
+        file being copied in (see Batch.start_copy). The sender waits for us,
+        silent: it is told to wait, and its silence is not held against it."""
+        self.touch()
+        self.keep_sender_waiting()
+        try:
+            if self.intake.prefix_left and self.intake.hash_prefix():
+                self.answer_resume()
+        except OSError as exc:
+            self.fail("temp-failed", f"reading a kept partial on {self.ctx.config.host_name}: {exc.strerror}")
+        if not self.intake.prefix_left and self.intake.copies:
+            header, sha256, saved, error = self.intake.step_copy()
+            if error is not None:
+                name = "/".join(header.path)
+                self.answer_failed(header.index, name, disk_code(error, "save-failed"),
+                                   f"{name}: {error.strerror or error}")
+            elif saved:
+                self.file_saved(header, saved, sha256)
+        if not self.intake.prefix_left and not self.intake.copies:
+            self.loop.done(self)
+        if not self.closed:
+            self.update_reading()
 
     def _on_data(self, event: proto.FileData) -> None:
         try:
@@ -231,7 +383,7 @@ class InboundPeer(PeerConn):
             self.answer_failed(header.index, self.current, "save-failed", f"{self.current}: {exc.strerror or exc}")
             return
         if saved is None:
-            self.loop.each_turn(self, self.step_copies)
+            self.loop.each_turn(self, self.step_work)
             self.keep_sender_waiting()
             self.update_reading()
         else:
@@ -243,30 +395,12 @@ class InboundPeer(PeerConn):
         self.answer_done(header.index)
 
     def keep_sender_waiting(self) -> None:
-        """A long copy can outlast the sender's IDLE_TIMEOUT, and with the
-        connection the copy would go: say `wait` at once, then every third of
-        that time (§4.1)."""
-        now = self.loop.clock()
-        idle = self.ctx.config.idle_timeout
+        """Work of ours (a copy, a prefix hashed) can outlast the sender's IDLE_TIMEOUT: `wait`, at once, then
+        every third of that time (§4.1)."""
+        now, idle = self.loop.clock(), self.ctx.config.idle_timeout
         if now - self.told_wait_at >= idle / 3:
             self.told_wait_at = now
             self.send_event(proto.Wait(min(math.ceil(idle), proto.MAX_WAIT_S)))
-
-    def step_copies(self) -> None:
-        """One slice of the first file being copied into FILE_SAVE_DIR (see Batch.start_copy)."""
-        self.touch()  # busy on our side: the sender waits for these results, silent
-        self.keep_sender_waiting()
-        header, sha256, saved, error = self.intake.step_copy()
-        if error is not None:
-            name = "/".join(header.path)
-            code = disk_code(error, "save-failed")
-            self.answer_failed(header.index, name, code, f"{name}: {error.strerror or error}")
-        elif saved:
-            self.file_saved(header, saved, sha256)
-        if not self.intake.copies:
-            self.loop.done(self)
-        if not self.closed:
-            self.update_reading()
 
     def _on_folder(self, event: proto.Folder) -> None:
         try:
@@ -293,6 +427,7 @@ class InboundPeer(PeerConn):
         proto.FileEnd: _on_end,
         proto.Folder: _on_folder,
         proto.Failed: _on_sender_failed,
+        proto.FileFrom: _on_from,
         proto.Error: _on_error,
     }
 
@@ -317,6 +452,8 @@ class InboundPeer(PeerConn):
         self.result = self.first_failure or ("ok", "")
         self.current = ""
         summary = dict(self.describe(), entries=self.offer.entries, files=self.files_saved)
+        if self.offer.batch and self.ctx.keep is not None:
+            self.ctx.keep.forget_batch(self.peer_name, self.offer.batch)
         if self.first_failure is None:
             self.ctx.publish(api.transfer_done_event(summary))
         else:
@@ -324,7 +461,8 @@ class InboundPeer(PeerConn):
         self.ctx.registry.transfers.pop(self.id, None)
 
     def on_concluded(self, code: str, message: str) -> None:
-        self.intake.close()  # before an error frame goes out: no `done` may follow it
+        batch = self.offer.batch if self.offer is not None else ""
+        self.intake.end(code in KEEP_CODES, self.ctx.keep, self.peer_name, batch, self.ctx.wall())
         self.loop.done(self)
         if self.id:
             log.warning("transfer %s from %s failed: %s: %s", self.id, self.address, code, printable(message))
@@ -334,6 +472,4 @@ class InboundPeer(PeerConn):
 
     def on_closed(self) -> None:
         super().on_closed()
-        self.ctx.registry.remove_inbound(self)
         self.intake.close()
-        self.loop.done(self)

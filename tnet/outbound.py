@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import stat
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
 from . import api
 from . import protocol as proto
@@ -29,6 +29,8 @@ log = logging.getLogger("tnet")
 SEND_CHUNK_BYTES = 4 * 1024 * 1024  # at most this per sendfile call
 INLINE_FILE_BYTES = 64 * 1024  # smaller files are read into the send buffer: batches
 HEADER_COST_BYTES = 64  # what a frame counts for in a wake-up's sending budget
+RESUMABLE_BYTES = 1024 * 1024  # files this large wait for the receiver to say what it holds (§7): one round trip
+PREFIX_SLICE_BYTES = 8 * 1024 * 1024  # of our own copy of a resumed prefix, hashed per turn of the loop
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -51,9 +53,12 @@ class Client(Protocol):
 class FileSender:
     """The entries of one batch, put on the wire in order."""
 
-    def __init__(self, entries: Entries, exchange: proto.Exchange, buffer: memoryview) -> None:
+    def __init__(self, entries: Entries, exchange: proto.Exchange, buffer: memoryview,
+                 order: Optional[Sequence[int]] = None) -> None:
         self.entries, self.exchange, self.buffer = entries, exchange, buffer
-        self.next_entry = 0
+        # The entries of this attempt, by their index in the batch (a retry leaves out those already saved).
+        self.order: Sequence[int] = order if order is not None else range(len(entries))
+        self.next_entry = 0  # position in ``order``: the index on the wire
         self.fd = -1  # sendfile source (at explicit offsets); read in order for the hash
         self.hasher: Any = None
         self.index = -1  # the file in flight, or -1
@@ -63,6 +68,10 @@ class FileSender:
         self.sent = 0  # bytes of it on the wire
         self.stat: Optional[os.stat_result] = None
         self.use_sendfile = hasattr(os, "sendfile")
+        self.waiting = False  # a resumable file's header is out: its bytes wait for the receiver's resume
+        self.prefix_left = 0  # of the receiver's offset, bytes of our copy still to hash
+        self.resume: Optional[proto.Resume] = None
+        self.resumed_bytes = 0  # not sent again, the receiver having them
 
     @property
     def in_file(self) -> bool:
@@ -70,23 +79,34 @@ class FileSender:
 
     @property
     def all_sent(self) -> bool:
-        return not self.in_file and self.next_entry == len(self.entries)
+        return not self.in_file and self.next_entry == len(self.order)
+
+    def original(self, wire_index: int) -> int:
+        """The batch's index of the entry sent as ``wire_index``."""
+        return self.order[wire_index]
 
     def start_entry(self, out: bytearray) -> int:
         """The next entry's frame (and a small file's bytes) into ``out``;
         bytes of budget it cost. LocalProtocolError for a file that cannot be read."""
-        entries, index = self.entries, self.next_entry
+        index = self.next_entry  # on the wire
+        entry = self.order[index]
         self.next_entry += 1
-        parts, size = entries.parts(index), entries.size(index)
+        entries = self.entries
+        parts, size = entries.parts(entry), entries.size(entry)
         self.name = "/".join(parts)
-        if entries.is_folder(index):
+        if entries.is_folder(entry):
             out += self.exchange.send(proto.Folder(index, parts))
             return HEADER_COST_BYTES
-        path = entries.local_path(index)
+        path = entries.local_path(entry)
         reason = self.open_file(path, size)
         if reason:
             return self.disown(index, parts, out, reason)
         self.index, self.size, self.path, self.sent, self.hasher = index, size, path, 0, hashlib.sha256()
+        assert self.stat is not None
+        if size >= RESUMABLE_BYTES and self.exchange.version >= 2:
+            out += self.exchange.send(proto.FileHeader(index, parts, size, mtime=self.stat.st_mtime_ns))
+            self.waiting = True
+            return HEADER_COST_BYTES
         out += self.exchange.send(proto.FileHeader(index, parts, size))
         if size > INLINE_FILE_BYTES:
             return HEADER_COST_BYTES
@@ -115,6 +135,45 @@ class FileSender:
             self.close_file()
             return f"{path} changed size since the offer"
         return ""
+
+    def take_resume(self, resume: proto.Resume, out: bytearray) -> None:
+        """The receiver holds ``resume.offset`` bytes: hash ours as far
+        (``hash_prefix``, a slice per turn), or send it all if it holds none."""
+        self.resume, self.prefix_left = resume, resume.offset
+        if not resume.offset:
+            self.send_from(0, out)
+
+    def hash_prefix(self, out: bytearray) -> bool:
+        """One slice of our copy of the receiver's prefix into the file's hash;
+        True once compared and the rest is on its way (only the rest if the
+        two prefixes match, else all of it). LocalProtocolError if unreadable."""
+        resume = self.resume
+        assert resume is not None and self.prefix_left
+        view = self.buffer
+        try:
+            n = os.readv(self.fd, [view[:min(self.prefix_left, len(view), PREFIX_SLICE_BYTES)]])
+        except OSError as exc:
+            raise proto.LocalProtocolError("file-error", f"reading {self.path}: {exc.strerror}") from None
+        if n == 0:
+            raise proto.LocalProtocolError("file-changed", f"{self.name} shrank while being sent")
+        self.hasher.update(view[:n])
+        self.prefix_left -= n
+        if self.prefix_left:
+            return False
+        ours = hashlib.sha256(bytes.fromhex(resume.salt) + self.hasher.digest()).hexdigest()
+        if ours == resume.sha256:
+            self.sent = resume.offset
+            self.resumed_bytes += resume.offset
+            self.send_from(resume.offset, out)
+        else:  # the receiver's prefix is not our file's: all of it, hashed from the start
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.hasher = hashlib.sha256()
+            self.send_from(0, out)
+        return True
+
+    def send_from(self, offset: int, out: bytearray) -> None:
+        out += self.exchange.send(proto.FileFrom(self.index, offset, self.size - offset))
+        self.waiting = False
 
     def disown(self, index: int, parts: Tuple[str, ...], out: bytearray, reason: str) -> int:
         """An entry that cannot be sent as offered fails alone: a header with
@@ -175,6 +234,7 @@ class FileSender:
             out += self.exchange.send(proto.FileEnd(self.hasher.hexdigest()))
         self.close_file()
         self.index = -1
+        self.resume = None
 
     def close_file(self) -> None:
         if self.fd >= 0:
@@ -189,22 +249,24 @@ class OutboundPeer(PeerConn):
     role = proto.Role.INITIATOR
 
     def __init__(self, ctx: PeerContext, address: str, first: Any, client: Optional[Client] = None,
-                 entries: Optional[Entries] = None) -> None:
+                 entries: Optional[Entries] = None, order: Optional[Sequence[int]] = None,
+                 version: int = proto.MIN_VERSION, transfer_id: str = "") -> None:
         super().__init__(ctx, socket.socket(socket.AF_INET, socket.SOCK_STREAM), address)
+        self.exchange = proto.Exchange(self.role, version)
         self.first = first  # the frame that opens the exchange
         self.client = client
         self.entries = entries if entries is not None else Entries()
-        self.sender = FileSender(self.entries, self.exchange, ctx.buffer)
+        self.sender = FileSender(self.entries, self.exchange, ctx.buffer, order)
         self.connected = False
         self.streaming = False
         self.answers = 0  # handled; the exchange counts them as they are read, a batch ahead
         self.failures = 0
         self.first_failure: Optional[Tuple[str, str]] = None  # (code, message)
-        self.total = self.entries.total
+        self.total = first.size if isinstance(first, proto.Offer) else 0
         if client is not None:
             client.job = self
         if isinstance(first, proto.Offer):
-            self.id = ctx.new_transfer_id()
+            self.id = transfer_id or ctx.new_transfer_id()  # a send's attempts share one id
             ctx.registry.transfers[self.id] = self
         elif isinstance(first, proto.Announce):
             ctx.registry.answering.add(self)
@@ -274,6 +336,8 @@ class OutboundPeer(PeerConn):
         per wake-up, so that one fast peer does not starve the others."""
         budget = SEND_CHUNK_BYTES
         while self.streaming and not self.closed and budget > 0 and len(self.out) < MAX_OUT_BUFFER_BYTES:
+            if self.sender.waiting:
+                break  # a resumable file's bytes wait for the receiver's resume
             if self.sender.in_file and self.out:
                 self.flush()  # a file's raw bytes go only after what was queued before them
                 if self.out:
@@ -311,14 +375,28 @@ class OutboundPeer(PeerConn):
     def start_entry(self) -> int:
         sender = self.sender
         cost = sender.start_entry(self.out)
-        self.start_file(sender.name, self.entries.size(sender.next_entry - 1))
-        if sender.in_file and sender.sent == sender.size:
+        size = self.entries.size(sender.original(sender.next_entry - 1))
+        self.start_file(sender.name, size)
+        if sender.in_file and sender.sent == sender.size and not sender.waiting:
             self.bytes_moved += sender.size  # a small file, queued whole
         elif sender.in_file:
             self.report_progress(self.reply, self.ctx.config.report_progress_out, force=True)  # a 0% line
         else:
-            self.bytes_moved += self.entries.size(sender.next_entry - 1)  # a folder, or disowned
+            self.bytes_moved += size  # a folder, or disowned
         return cost
+
+    def step_prefix(self) -> None:
+        """A slice of our copy of what the receiver holds, hashed; then the rest goes."""
+        self.touch()
+        try:
+            done = self.sender.hash_prefix(self.out)
+        except proto.LocalProtocolError as exc:
+            self.fail(exc.code, exc.message)
+            return
+        if done:
+            self.loop.done(self)
+            self.bytes_moved += self.sender.sent  # what the receiver had, if it was ours
+            self.want_write(True)
 
     def wants_more_output(self) -> bool:
         return self.streaming or not self.connected
@@ -343,8 +421,14 @@ class OutboundPeer(PeerConn):
             self.peer_name = event.name  # shown, never learnt: names come from discovery answers alone (§5)
             self.started = self.loop.clock()
             self.touch()
-            self.ctx.publish(api.transfer_started_event(self.describe(), len(self.entries)))
+            self.ctx.publish(api.transfer_started_event(self.describe(), len(self.sender.order)))
             self.want_write(True)
+        elif isinstance(event, proto.Resume):
+            self.sender.take_resume(event, self.out)
+            if self.sender.prefix_left:
+                self.loop.each_turn(self, self.step_prefix)
+            else:
+                self.want_write(True)
         elif isinstance(event, proto.Wait):
             # The receiver asks its user, or copies files into place: allow that, and the usual silence on top.
             self.set_deadline(self.loop.clock() + event.seconds + self.ctx.config.idle_timeout)
@@ -354,7 +438,7 @@ class OutboundPeer(PeerConn):
             self.drop(event.code, event.message)
 
     def on_answer(self, event: Any) -> None:
-        entries, index = self.entries, event.index
+        entries, index = self.entries, self.sender.original(event.index)
         name = "/".join(entries.parts(index))
         if isinstance(event, proto.Done):
             result = {"event": "file-done", "file": name, "size": entries.size(index),
@@ -366,21 +450,23 @@ class OutboundPeer(PeerConn):
             if self.first_failure is None:
                 self.first_failure = (event.code, event.message)
         if self.client:
-            self.client.reply(dict(result, id=self.id))
+            self.client.reply(dict(result, id=self.id, index=index))
         self.answers += 1
-        if self.answers == len(entries):
+        if self.answers == len(self.sender.order):
             self.complete()
 
     def complete(self) -> None:
         seconds = self.loop.clock() - self.started
         summary = {"id": self.id, "direction": "out", "peer": self.address, "name": self.peer_name,
-                   "files": len(self.entries), "bytes": self.total, "seconds": round(seconds, 3)}
+                   "files": len(self.sender.order), "bytes": self.total, "seconds": round(seconds, 3),
+                   "resumed_bytes": self.sender.resumed_bytes}
         if self.first_failure is not None:
             code, message = self.first_failure
             self.result = self.first_failure
             self.ctx.publish(api.transfer_failed_event(summary, code, message))
             if self.client:
-                self.client.fail(code, f"{self.failures} of {len(self.entries)} failed; first: {message}", **summary)
+                self.client.fail(code, f"{self.failures} of {len(self.sender.order)} failed; first: {message}",
+                                 **summary)
         else:
             self.result = ("ok", "")
             self.ctx.publish(api.transfer_done_event(summary))
@@ -390,6 +476,7 @@ class OutboundPeer(PeerConn):
 
     def on_concluded(self, code: str, message: str) -> None:
         self.streaming = False
+        self.loop.done(self)
         self.sender.close_file()
         if self.id:
             self.ctx.publish(api.transfer_failed_event(self.describe(), code, message))

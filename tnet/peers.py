@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from . import api
 from . import protocol as proto
+from .keep import Keep
 from .loop import Conn, Loop
 from .store import Store
 from .util import Config, printable
@@ -77,6 +79,8 @@ class PeerContext:
     learn: Callable[[str, str, str], None]  # (name, address, nonce): an answer to our discovery
     new_transfer_id: Callable[[], str]
     registry: PeerRegistry = field(default_factory=PeerRegistry)
+    keep: Optional[Keep] = None  # partials kept for resume (§7); None: nothing is kept
+    wall: Callable[[], float] = time.time  # for records that outlive the daemon
     # One buffer for every read: from peer sockets, and of files being hashed.
     # Whatever reads into it is done with it before the loop moves on.
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RECV_BYTES)))
@@ -293,6 +297,8 @@ class PeerConn(Conn):
 
     def on_closed(self) -> None:
         self.ctx.registry.connections.discard(self)
+        self.ctx.registry.remove_inbound(self)
+        self.loop.done(self)  # no more slices of work of ours
         if self.result is None and self.id:
             self.conclude("peer-gone", f"connection to {self.address} closed")
         self.ctx.registry.transfers.pop(self.id, None)

@@ -32,8 +32,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 # --- Constants (docs/PROTOCOL.md §1) ----------------------------------------
 
 MAGIC = b"TNET"
-VERSION = 1
-PREFACE = MAGIC + bytes([VERSION])  # opens every TCP stream and datagram, §2
+VERSION = 2  # the newest wire protocol this code speaks (§2)
+MIN_VERSION = 1  # the oldest: a version-1 daemon is still a peer
+PREFACE = MAGIC + bytes([MIN_VERSION])  # version 1's: discovery datagrams, announces, messages (§2, §7)
 
 FRAME_LENGTH = struct.Struct(">I")  # every frame: u32 length, then JSON, §3
 # Compact UTF-8 JSON for frames, datagrams and lines. One encoder for all:
@@ -108,11 +109,13 @@ class Ack:
 
 @dataclass(frozen=True)
 class Offer:
-    """A batch of ``entries`` files and folders, ``size`` bytes in all."""
+    """A batch of ``entries`` files and folders, ``size`` bytes in all.
+    Version 2: ``batch`` names the batch across attempts (§7)."""
 
     name: str
     entries: int
     size: int
+    batch: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,33 @@ class Wait:
 
 @dataclass(frozen=True)
 class FileHeader:
-    """Entry ``index`` is a file of ``size`` raw bytes, which follow at once."""
+    """Entry ``index`` is a file of ``size`` raw bytes, which follow at once.
+    Version 2, with ``mtime`` (the sender's modification time, ns): a file
+    that may be resumed; its bytes wait for the receiver's ``Resume`` (§7)."""
 
     index: int
     path: Tuple[str, ...]
+    size: int
+    mtime: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The receiver holds the first ``offset`` bytes of the file in flight;
+    ``sha256`` is the SHA-256 of ``salt`` (16 bytes, hex) then those bytes (§7)."""
+
+    index: int
+    offset: int
+    salt: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FileFrom:
+    """The file in flight from byte ``offset`` on: ``size`` raw bytes follow (§7)."""
+
+    index: int
+    offset: int
     size: int
 
 
@@ -187,7 +213,7 @@ class Error:
 
 Event = Union[
     Announce, Message, Ack, Offer, Accept, Wait, FileHeader, FileData, FileEnd,
-    Folder, Done, Failed, Error,
+    Folder, Done, Failed, Error, Resume, FileFrom,
 ]
 
 # Frame type -> (event class, {field: type}). Field names are the wire names.
@@ -195,10 +221,12 @@ _FRAMES: Dict[str, Tuple[type, Dict[str, type]]] = {
     "announce": (Announce, {"name": str, "nonce": str}),
     "message": (Message, {"name": str, "text": str}),
     "ack": (Ack, {"name": str}),
-    "offer": (Offer, {"name": str, "entries": int, "size": int}),
+    "offer": (Offer, {"name": str, "entries": int, "size": int, "batch": str}),
     "accept": (Accept, {"name": str}),
     "wait": (Wait, {"seconds": int}),
-    "file": (FileHeader, {"index": int, "path": list, "size": int}),
+    "file": (FileHeader, {"index": int, "path": list, "size": int, "mtime": int}),
+    "resume": (Resume, {"index": int, "offset": int, "salt": str, "sha256": str}),
+    "from": (FileFrom, {"index": int, "offset": int, "size": int}),
     "end": (FileEnd, {"sha256": str}),
     "folder": (Folder, {"index": int, "path": list}),
     "done": (Done, {"index": int}),
@@ -206,6 +234,11 @@ _FRAMES: Dict[str, Tuple[type, Dict[str, type]]] = {
     "error": (Error, {"code": str, "message": str}),
 }
 _FRAME_TYPE = {cls: name for name, (cls, _) in _FRAMES.items()}
+# What version 2 added (§7): fields that may be left out (and are, at their
+# default), and frames version 1 does not know.
+_OPTIONAL_FIELDS = {"offer": {"batch"}, "file": {"mtime"}}
+_V2_FRAMES = {"resume", "from"}
+MAX_MTIME_NS = 2**63 - 1  # a signed 64-bit time, as stat(2) gives it
 
 # --- Validation of names ------------------------------------------------------
 
@@ -293,6 +326,8 @@ def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
         raise RemoteProtocolError("bad-frame", f"{kind} has no field {sorted(unknown)[0]!r}")
     values: Dict[str, Any] = {}
     for field, ftype in schema.items():
+        if field not in fields and field in _OPTIONAL_FIELDS.get(kind, ()):
+            continue
         value = fields.get(field)
         # bool is an int subclass; a size of `true` is a lie, not a number.
         if not isinstance(value, ftype) or isinstance(value, bool):
@@ -302,6 +337,14 @@ def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
         _check_count(values["index"], MAX_ENTRIES - 1, "index")
     if "size" in values:
         _check_count(values["size"], MAX_FILE_BYTES, "size")
+    if "offset" in values:
+        _check_count(values["offset"], MAX_FILE_BYTES, "offset")
+    if "mtime" in values:
+        _check_count(values["mtime"], MAX_MTIME_NS, "mtime")
+    if "batch" in values:
+        _check_nonce(values["batch"], "batch")
+    if "salt" in values:
+        _check_nonce(values["salt"], "salt")
     if "entries" in values:
         _check_count(values["entries"], MAX_ENTRIES, "entries")
     if "seconds" in values:
@@ -311,7 +354,7 @@ def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
     if "name" in values:
         check_host_name(values["name"])
     if "nonce" in values:
-        _check_nonce(values["nonce"])
+        _check_nonce(values["nonce"], "nonce")
     if "sha256" in values:
         check_sha256(values["sha256"])
     if "text" in values:
@@ -326,9 +369,10 @@ def _build_event(kind: str, fields: Dict[str, Any]) -> Any:
     return cls(**values)
 
 
-def _check_nonce(nonce: str) -> str:
+def _check_nonce(nonce: str, what: str) -> str:
     if not isinstance(nonce, str) or len(nonce) != NONCE_HEX_CHARS or nonce.strip("0123456789abcdef"):
-        raise RemoteProtocolError("bad-nonce", f"a nonce is {NONCE_HEX_CHARS} lowercase hex digits")
+        code = "bad-nonce" if what == "nonce" else "bad-frame"
+        raise RemoteProtocolError(code, f"a {what} is {NONCE_HEX_CHARS} lowercase hex digits")
     return nonce
 
 
@@ -370,8 +414,11 @@ def encode_frame(event: Any) -> bytes:
         raise LocalProtocolError("bad-event", f"cannot encode {type(event).__name__}")
     _, schema = _FRAMES[kind]
     fields: Dict[str, Any] = {"type": kind}
+    optional = _OPTIONAL_FIELDS.get(kind, ())
     for field in schema:
         value = getattr(event, field)
+        if field in optional and value in (None, ""):
+            continue  # left out at its default: the frame is version 1's
         fields[field] = list(value) if isinstance(value, tuple) else value
     try:
         _build_event(kind, fields)  # we never send what we would refuse
@@ -401,6 +448,7 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._state = _PREFACE
+        self.version = 0  # the peer's, once its preface is in
         self.data_left = 0  # raw bytes due before the next frame
         self.max_frame = MAX_FRAME_BYTES
 
@@ -454,7 +502,7 @@ class FrameReader:
 
     def _parse_buffered(self) -> Optional[Dict[str, Any]]:
         if self._state == _PREFACE:
-            check_preface(bytes(self._buf))
+            self.version = check_preface(bytes(self._buf))
             self._buf.clear()
             self._state = _FRAME
             return None
@@ -474,9 +522,12 @@ class FrameReader:
 
     def _frame_object(self, payload: Union[bytes, memoryview]) -> Dict[str, Any]:
         obj = parse_json_object(payload, "frame")
-        size = obj.get("size")
-        if obj.get("type") == "file" and isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            self.data_left = size  # the only bytes that are not frames (§3)
+        size, kind = obj.get("size"), obj.get("type")
+        # The only bytes that are not frames (§3): a file's after its header,
+        # unless it may be resumed (§7), whose bytes follow its `from`.
+        raw = (kind == "file" and "mtime" not in obj) or kind == "from"
+        if raw and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            self.data_left = size
             self._state = _DATA
         return obj
 
@@ -490,12 +541,19 @@ def event_of(obj: Dict[str, Any]) -> Any:
     return _build_event(kind, obj)
 
 
-def check_preface(preface: bytes) -> None:
+def check_preface(preface: bytes) -> int:
+    """The version a preface names, if this code speaks it."""
     if preface[:len(MAGIC)] != MAGIC:
         raise RemoteProtocolError("bad-magic", "not a tnet peer")
-    if preface[len(MAGIC)] != VERSION:
-        raise RemoteProtocolError("unsupported-version",
-                                  f"peer speaks version {preface[len(MAGIC)]}, this is version {VERSION}")
+    version = preface[len(MAGIC)]
+    if not MIN_VERSION <= version <= VERSION:
+        raise RemoteProtocolError("unsupported-version", f"peer speaks version {version}, this is version "
+                                                         f"{MIN_VERSION} to {VERSION}")
+    return version
+
+
+def encode_preface_of(version: int) -> bytes:
+    return MAGIC + bytes([version])
 
 
 # --- The exchange: who may send what, when (§4.1) -----------------------------
@@ -517,6 +575,8 @@ class State(enum.Enum):
     MESSAGE = "message"  #: a message is out; the acceptor's ack (or error) is due
     OFFERED = "offered"  #: an offer is out; the acceptor says wait, accept or error
     STREAMING = "streaming"  #: accepted: entries one way, between two of them; answers the other way
+    RESUMING = "resuming"  #: a file that may be resumed is announced; the acceptor's resume is due (§7)
+    RESUMED = "resumed"  #: the acceptor said what it holds; the initiator's from (or failed) is due
     FILE_DATA = "file-data"  #: a file's raw bytes are due (no frame can come from the initiator)
     FILE_END = "file-end"  #: the file's bytes are through; its end (or failed) is due
     DONE = "done"  #: complete: only closing is left
@@ -535,6 +595,10 @@ EXCHANGE_RULES: Dict[Tuple[Role, State], Dict[str, Optional[State]]] = {
     (Role.ACCEPTOR, State.OFFERED): {"wait": None, "accept": State.STREAMING, "error": State.CLOSED},
     (Role.INITIATOR, State.STREAMING): {"file": State.FILE_DATA, "folder": None, "error": State.CLOSED},
     (Role.ACCEPTOR, State.STREAMING): _ANSWERING,
+    (Role.INITIATOR, State.RESUMING): {"error": State.CLOSED},
+    (Role.ACCEPTOR, State.RESUMING): dict(_ANSWERING, resume=State.RESUMED),
+    (Role.INITIATOR, State.RESUMED): {"from": State.FILE_DATA, "failed": State.STREAMING, "error": State.CLOSED},
+    (Role.ACCEPTOR, State.RESUMED): _ANSWERING,
     (Role.INITIATOR, State.FILE_DATA): {},  # raw bytes only
     (Role.ACCEPTOR, State.FILE_DATA): _ANSWERING,
     (Role.INITIATOR, State.FILE_END): {"end": State.STREAMING, "failed": State.STREAMING, "error": State.CLOSED},
@@ -560,12 +624,16 @@ class Exchange:
     reports them with ``sent_file_bytes``.
     """
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, version: int = VERSION) -> None:
+        """An initiator speaks ``version``; an acceptor answers in the
+        initiator's version, up to ``version`` (§2, §7)."""
         self.role = role
         self.state = State.OPENING
         self._reader = FrameReader()
         self._reader.max_frame = MAX_FRAME_BYTES if role is Role.ACCEPTOR else MAX_HEADER_BYTES
         self._preface_sent = False
+        self.version = version if role is Role.INITIATOR else 0  # 0: not known yet
+        self.max_version = version
         self._error: Optional[RemoteProtocolError] = None
         self.entries = 0  # of the offer
         self.next_index = 0  # the entry due next
@@ -574,6 +642,8 @@ class Exchange:
         self.file_bytes_left = 0  # its raw bytes still due
         self.answered = bytearray()  # per entry: 1 once done or failed was said
         self.answers = 0
+        self.file_size = 0  # of the file in flight
+        self.resume_offset = 0  # what the acceptor said it holds of it
 
     # -- what the caller asks
 
@@ -591,13 +661,21 @@ class Exchange:
     def complete(self) -> bool:
         return self.state is State.DONE
 
+    @property
+    def heard(self) -> bool:
+        """Whether the peer's preface is in: a daemon is there."""
+        return self._reader.version != 0
+
     # -- sending
 
     def send_preface(self) -> bytes:
+        """Our preface: the initiator's names the exchange's version; an
+        acceptor's always names version 1, which every acceptor speaks, so
+        that it can go out at once, before the initiator's is read (§2)."""
         if self._preface_sent:
             raise LocalProtocolError("bad-event", "the preface is sent once")
         self._preface_sent = True
-        return PREFACE
+        return encode_preface_of(self.version if self.role is Role.INITIATOR else MIN_VERSION)
 
     def send(self, event: Any) -> bytes:
         """The bytes of ``event``, which this end now sends (§4.1)."""
@@ -623,7 +701,7 @@ class Exchange:
             raise self._error
         events: List[Any] = []
         try:
-            for item in self._reader.items(data):
+            for item in self._items(data):
                 if isinstance(item, FileData):
                     self._file_bytes(len(item.data))
                     events.append(item)
@@ -633,6 +711,26 @@ class Exchange:
             self._error = exc
             raise
         return events
+
+    def _items(self, data: Union[bytes, bytearray, memoryview]) -> Iterator[Any]:
+        """The reader's items, with the peer's version taken as it comes."""
+        known = self._reader.version
+        for item in self._reader.items(data):
+            if not known:
+                known = self._take_version(self._reader.version)
+            yield item
+        if not known and self._reader.version:
+            self._take_version(self._reader.version)
+
+    def _take_version(self, version: int) -> int:
+        if self.role is Role.ACCEPTOR:
+            if version > self.max_version:
+                raise RemoteProtocolError("unsupported-version", f"peer speaks version {version}, this is "
+                                                                 f"version {MIN_VERSION} to {self.max_version}")
+            self.version = version  # the exchange's: the initiator's
+        elif version != MIN_VERSION:
+            raise RemoteProtocolError("bad-magic", f"an acceptor's preface names version {MIN_VERSION}, not {version}")
+        return version
 
     def feed_eof(self) -> List[Any]:
         """The peer closed its side: legal once the exchange allows it."""
@@ -667,6 +765,9 @@ class Exchange:
     def _advance(self, sender: Role, event: Any) -> None:
         """Apply ``event`` sent by ``sender``, or LocalProtocolError naming the rule it breaks."""
         kind = _FRAME_TYPE[type(event)]
+        if self.version < 2 and (kind in _V2_FRAMES or _uses_optional_fields(kind, event)):
+            raise LocalProtocolError("bad-frame", f"{kind!r} as sent is wire protocol version 2; this exchange is "
+                                                  f"version {self.version}")
         allowed = EXCHANGE_RULES[(sender, self.state)]
         if kind not in allowed:
             raise LocalProtocolError("unexpected-frame", f"{kind!r} cannot be sent by the {sender.value} in "
@@ -677,7 +778,9 @@ class Exchange:
         next_state = allowed[kind]
         if next_state is not None:
             self.state = next_state
-        if kind == "file" and event.size == 0:
+        if kind == "file" and event.mtime is not None:
+            self.state = State.RESUMING  # its bytes wait for the acceptor's resume
+        elif kind in ("file", "from") and event.size == 0:
             self.state = State.FILE_END  # no raw bytes: its end is due at once
         if (self.state is State.STREAMING and self.next_index == self.entries
                 and self.answers == self.entries):
@@ -698,8 +801,26 @@ class Exchange:
                 raise LocalProtocolError("size-mismatch", f"file of {event.size} bytes exceeds what the offer "
                                                           f"announced ({self.bytes_left} left)")
             self.bytes_left -= event.size
-            self.file_index, self.file_bytes_left = event.index, event.size
+            self.file_index, self.file_bytes_left, self.file_size = event.index, event.size, event.size
         self.next_index += 1
+
+    def _take_resume(self, event: Resume) -> None:
+        if event.index != self.file_index:
+            raise LocalProtocolError("bad-resume", f"resume for entry {event.index}, not the file in flight")
+        if event.offset > self.file_size:
+            raise LocalProtocolError("bad-resume", f"resume at byte {event.offset} of a file of {self.file_size}")
+        self.resume_offset = event.offset
+
+    def _take_from(self, event: FileFrom) -> None:
+        if event.index != self.file_index:
+            raise LocalProtocolError("bad-resume", f"bytes of entry {event.index}, not the file in flight")
+        if event.offset not in (0, self.resume_offset):
+            raise LocalProtocolError("bad-resume", f"bytes from {event.offset}: the receiver holds "
+                                                   f"{self.resume_offset}, or send it all")
+        if event.size != self.file_size - event.offset:
+            raise LocalProtocolError("size-mismatch", f"{event.size} bytes from {event.offset} of a file of "
+                                                      f"{self.file_size}")
+        self.file_bytes_left = event.size
 
     def _take_disowning(self, event: Failed) -> None:
         if event.index != self.file_index:
@@ -707,7 +828,7 @@ class Exchange:
 
     def _take_answer(self, event: Any) -> None:
         index = event.index
-        in_flight = index == self.file_index and self.state in (State.FILE_DATA, State.FILE_END)
+        in_flight = index == self.file_index and self.state in _FILE_IN_FLIGHT
         if index >= self.next_index or self.answered[index] or in_flight:
             raise LocalProtocolError("unexpected-frame", f"an answer for entry {index}, which was not sent whole "
                                                          "or is answered")
@@ -720,6 +841,13 @@ class Exchange:
             self.state = State.FILE_END
 
 
+_FILE_IN_FLIGHT = (State.RESUMING, State.RESUMED, State.FILE_DATA, State.FILE_END)
+
+
+def _uses_optional_fields(kind: str, event: Any) -> bool:
+    return any(getattr(event, field) not in (None, "") for field in _OPTIONAL_FIELDS.get(kind, ()))
+
+
 # (role that sends, frame type) -> the check that counts: entries in order, sizes within the offer,
 # an answer once per entry sent.
 _GUARDS: Dict[Tuple[Role, str], Callable[[Exchange, Any], None]] = {
@@ -727,6 +855,8 @@ _GUARDS: Dict[Tuple[Role, str], Callable[[Exchange, Any], None]] = {
     (Role.INITIATOR, "file"): Exchange._take_entry,
     (Role.INITIATOR, "folder"): Exchange._take_entry,
     (Role.INITIATOR, "failed"): Exchange._take_disowning,
+    (Role.INITIATOR, "from"): Exchange._take_from,
+    (Role.ACCEPTOR, "resume"): Exchange._take_resume,
     (Role.ACCEPTOR, "done"): Exchange._take_answer,
     (Role.ACCEPTOR, "failed"): Exchange._take_answer,
 }
@@ -758,7 +888,7 @@ def decode_datagram(datagram: bytes) -> DiscoveryRequest:
         raise RemoteProtocolError("datagram-too-large", f"over {MAX_DATAGRAM_BYTES} bytes")
     if datagram[:len(MAGIC)] != MAGIC:
         raise RemoteProtocolError("bad-magic", "not a tnet datagram")
-    if datagram[len(MAGIC):len(PREFACE)] != bytes([VERSION]):
+    if datagram[len(MAGIC):len(PREFACE)] != bytes([MIN_VERSION]):
         raise RemoteProtocolError("unsupported-version", "unknown datagram version")
     obj = parse_json_object(datagram[len(PREFACE):], "datagram")
     port = obj.get("port")
@@ -767,4 +897,4 @@ def decode_datagram(datagram: bytes) -> DiscoveryRequest:
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise RemoteProtocolError("bad-frame", "port must be 1 to 65535")
     name = check_host_name(obj.get("name"))  # type: ignore[arg-type]
-    return DiscoveryRequest(name=name, nonce=_check_nonce(obj.get("nonce")), port=port)  # type: ignore[arg-type]
+    return DiscoveryRequest(name=name, nonce=_check_nonce(obj.get("nonce"), "nonce"), port=port)  # type: ignore[arg-type]

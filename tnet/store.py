@@ -45,6 +45,7 @@ LOCK_NAME = "lock"  # held with flock for the daemon's life
 LOCKLESS_GRACE_S = 60.0  # a work folder with no lock this old is a leftover, not one being made
 MAX_TRIES = 10_000  # numbered names tried before a name counts as taken for good
 MAX_REMEMBERED = 4096  # names whose last number is remembered
+MAX_TOPS_REMEMBERED = 4096  # top folders of a batch, as sent -> as saved; more are claimed anew when met again
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -389,8 +390,8 @@ class Store:
     def mkdir_in(self, dir_fd: int) -> Callable[[str], None]:
         return lambda name: os.mkdir(name, self.dir_mode, dir_fd=dir_fd)
 
-    def new_batch(self) -> "Batch":
-        return Batch(self)
+    def new_batch(self, tops: Optional[Dict[str, str]] = None) -> "Batch":
+        return Batch(self, tops)
 
 
 class TempFile:
@@ -424,9 +425,11 @@ class Batch:
     to the common part and descends again. A top folder is always new
     (``DIR (1)`` if ``DIR`` exists); below it only this batch writes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, tops: Optional[Dict[str, str]] = None) -> None:
         self.store = store
         self.stack: List[Tuple[str, int, str]] = []  # (name as sent, descriptor, path as saved)
+        # Top folders as sent -> as saved (by an earlier attempt of the same batch, too: §7).
+        self.tops: Dict[str, str] = dict(tops or {})
 
     def folder(self, parts: Tuple[str, ...]) -> Tuple[int, str]:
         """The folder for ``parts`` under FILE_SAVE_DIR, made as needed: its
@@ -446,7 +449,7 @@ class Batch:
                     pass  # this batch made it; a link planted in its place is refused just below
             else:
                 parent_fd, shown = store.save.fd, store.save.path
-                name = store.claim(parent_fd, shown, part, store.mkdir_in(parent_fd))
+                name = self.top_folder(part)
             try:
                 fd = open_folder(name, parent_fd)
             except OSError as exc:
@@ -458,6 +461,21 @@ class Batch:
         if not self.stack:
             return store.save.fd, store.save.path
         return self.stack[-1][1], self.stack[-1][2]
+
+    def top_folder(self, part: str) -> str:
+        """The saved name of top folder ``part``: the one this batch made, or a new one."""
+        store = self.store
+        known = self.tops.get(part)
+        if known is not None:
+            try:
+                os.stat(known, dir_fd=store.save.fd, follow_symlinks=False)
+                return known  # opened below without following a link
+            except FileNotFoundError:
+                pass  # removed meanwhile: a new one
+        name = store.claim(store.save.fd, store.save.path, part, store.mkdir_in(store.save.fd))
+        if len(self.tops) < MAX_TOPS_REMEMBERED:
+            self.tops[part] = name
+        return name
 
     def pop_to(self, depth: int) -> None:
         for _, fd, _ in self.stack[depth:]:

@@ -35,6 +35,7 @@ ACCEPT                 auto                        auto: take every offer; ask: 
 ASK_TIMEOUT            120                         seconds an offer waits in ask mode
 ALLOW_FROM             (everyone)                  comma-separated IPv4 addresses or networks
                                                    whose offers and messages are taken
+RESUME_KEEP            24                          hours a partial file is kept for a resume
 LOG_LEVEL              info                        debug, info, warning or error
 =====================  ==========================  ==========================================
 """
@@ -56,6 +57,7 @@ DEFAULT_COMMAND_SOCKET = "./run/tnet/commands"
 DEFAULT_BROADCAST_PORT = 0xC0DE
 DEFAULT_RECEIVE_PORT = 0xC00D
 MAX_TIMEOUT_S = 24 * 3600.0  # a longer timeout is a typo
+MAX_KEEP_HOURS = 24 * 365.0  # partials kept longer than a year are clutter, not a resume
 LIMITED_BROADCAST = "255.255.255.255"
 
 
@@ -84,6 +86,7 @@ class Config:
     ask_timeout: float = 120.0
     allow_from: Tuple[ipaddress.IPv4Network, ...] = ()
     log_level: str = "info"
+    resume_keep_s: float = 24 * 3600.0
 
     def allows(self, address: str) -> bool:
         """Whether ALLOW_FROM lets ``address`` send offers and messages."""
@@ -128,6 +131,17 @@ def parse_seconds(name: str, text: str) -> float:
     if not 0 < value <= MAX_TIMEOUT_S:
         raise ConfigError(f"{name}={text!r}: must be over 0 and at most {MAX_TIMEOUT_S:g}")
     return value
+
+
+def parse_hours(name: str, text: str) -> float:
+    """Hours (decimal), as seconds; 0 keeps nothing."""
+    try:
+        hours = float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: a number of hours") from None
+    if not 0 <= hours <= MAX_KEEP_HOURS:
+        raise ConfigError(f"{name}={text!r}: must be 0 to {MAX_KEEP_HOURS:g} hours")
+    return hours * 3600.0
 
 
 def parse_address(name: str, text: str) -> str:
@@ -197,6 +211,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         "ACCEPT": ("accept", lambda n, t: parse_choice(n, t, ("auto", "ask"))),
         "ASK_TIMEOUT": ("ask_timeout", parse_seconds),
         "ALLOW_FROM": ("allow_from", parse_network_list),
+        "RESUME_KEEP": ("resume_keep_s", parse_hours),
         "LOG_LEVEL": ("log_level", lambda n, t: parse_choice(n, t, ("debug", "info", "warning", "error"))),
     }
     for var, (attr, parse) in parsers.items():

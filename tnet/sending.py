@@ -1,0 +1,222 @@
+"""A send request from its walk to its last answer, across dropped links (§7).
+
+``SendJob`` walks the request's folders a slice per turn of the loop, finds
+the peer, and offers the batch. When the link breaks (the peer gone, silent,
+unreachable, restarting), it tries again after a backoff, for up to the
+request's ``retry_for`` seconds since the batch last moved (once a first
+attempt got through: a peer never reached fails at once): each attempt
+offers only the entries not saved yet, under the same batch id (so that the
+receiver puts them in the same top folders), and each file the receiver
+kept part of is resumed from there. A receiver that speaks only version 1
+is offered the batch again in version 1, without resume. The local client
+sees one transfer: one id, one final answer, a ``retrying`` line per new
+attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+from . import protocol as proto
+from .discovery import Discovery
+from .outbound import Client, OutboundPeer
+from .peers import PeerContext
+from .walk import Walk
+
+log = logging.getLogger("tnet")
+
+# A transfer that fails thus is tried again: the link, not the files, was the trouble.
+RETRY_CODES = {"peer-gone", "timeout", "io-error", "unreachable", "truncated", "shutdown", "busy"}
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # before the second, third ... attempt; then the last, again
+DEFAULT_RETRY_FOR_S = 120.0
+
+
+class SendJob:
+    """One `send` request; the client of each of its attempts (an OutboundPeer)."""
+
+    def __init__(self, ctx: PeerContext, discovery: Discovery, client: Client, walk: Walk, peer: str,
+                 retry_for: float) -> None:
+        self.ctx, self.discovery, self.client, self.walk, self.peer = ctx, discovery, client, walk, peer
+        self.retry_for = retry_for
+        self.closed = False
+        self.deadline = math.inf  # of the backoff before the next attempt
+        self.scheduled = math.inf
+        self.job: Any = None  # what an attempt sets on its client; the job itself is the attempt
+        self.address = ""
+        self.batch = os.urandom(16).hex()
+        self.version = proto.VERSION
+        self.id = ""
+        self.answered_entries = bytearray()  # per entry of the batch: 1 once the receiver answered it
+        self.failures: List[tuple] = []  # (code, message) of entries that failed for good
+        self.attempt: Optional[OutboundPeer] = None
+        self.last_order: List[int] = []
+        self.attempts = 0
+        self.failed_in_a_row = 0  # attempts that broke since the batch last moved: the backoff grows with them
+        self.resumed_bytes = 0
+        self.started = ctx.loop.clock()
+        self.streak_since = math.inf  # when the link first broke since the batch last moved
+        self.answered = False  # the client has its final answer, or is gone
+        self.reached = False  # a daemon answered once: a link that breaks later is worth waiting for
+
+    def label(self) -> str:
+        return "send"
+
+    # -- walking, then the first attempt
+
+    def step(self) -> None:
+        try:
+            done = self.walk.step()
+        except proto.LocalProtocolError as exc:
+            if self.end():
+                self.client.fail(exc.code, exc.message)
+            return
+        if done:
+            self.ctx.loop.done(self)
+            self.report_skipped()
+            self.answered_entries = bytearray(len(self.walk.entries))
+            self.discovery.resolve(self.peer, self.first_attempt, self.fail_for_good)
+
+    def report_skipped(self) -> None:
+        walk = self.walk
+        for path in walk.skipped:
+            self.client.reply({"event": "skipped", "path": path,
+                               "reason": "not a regular file or folder (links are never followed)"})
+        unshown = walk.skipped_count - len(walk.skipped)
+        if unshown:
+            self.client.reply({"event": "skipped", "path": "", "reason": f"and {unshown} more not shown"})
+
+    def first_attempt(self, address: str) -> None:
+        self.address = address
+        self.id = self.ctx.new_transfer_id()
+        entries = self.walk.entries
+        self.client.reply({"event": "started", "id": self.id, "peer": address, "files": len(entries),
+                           "bytes": entries.total})
+        self.start_attempt()
+
+    def start_attempt(self) -> None:
+        if self.client.closed or self.answered:
+            return
+        registry = self.ctx.registry
+        if len(registry.connections) >= self.ctx.config.max_connections:
+            self.fail("busy", f"{len(registry.connections)} connections open (MAX_CONNECTIONS)")
+            return
+        entries = self.walk.entries
+        order = [i for i, done in enumerate(self.answered_entries) if not done]
+        if self.attempts:  # what the receiver has already, it does not get again
+            self.resumed_bytes += sum(entries.size(i) for i in self.last_order if self.answered_entries[i])
+        self.last_order = order
+        first = proto.Offer(self.ctx.config.host_name, len(order), sum(entries.size(i) for i in order),
+                            self.batch if self.version >= 2 else "")
+        try:
+            conn = OutboundPeer(self.ctx, self.address, first, self, entries, order, self.version, self.id)
+        except OSError as exc:  # no socket to be had (EMFILE)
+            self.fail("io-error", f"cannot open a connection: {exc.strerror}")
+            return
+        self.attempt = conn
+        self.attempts += 1
+        conn.connect(self.ctx.config.receive_port)
+
+    # -- what an attempt says (we are its client)
+
+    def reply(self, obj: Dict[str, Any]) -> None:
+        index = obj.pop("index", None)
+        if index is not None:
+            self.streak_since = math.inf  # the batch moved
+            self.answered_entries[index] = 1
+            if obj.get("event") == "file-failed":
+                self.failures.append((obj["code"], obj["error"]))
+        self.client.reply(obj)
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        self.take_resumed()
+        if self.end():
+            self.client.finish(self.summary(summary))
+
+    def fail(self, code: str, message: str, **extra: Any) -> None:
+        moved = self.take_resumed()
+        if extra:  # the attempt reached its end, with files that failed: for good
+            code, message = self.failures[0] if self.failures else (code, message)
+            if self.end():
+                self.client.fail(code, f"{len(self.failures)} of {len(self.walk.entries)} failed; first: {message}",
+                                 **self.summary(extra))
+        elif code == "unsupported-version" and self.version > proto.MIN_VERSION:
+            log.info("%s speaks wire protocol version %d only: sending again without resume", self.address,
+                     proto.MIN_VERSION)
+            self.version = proto.MIN_VERSION
+            self.start_attempt()
+        elif self.may_retry(code, moved):
+            self.retry_later(code, message)
+        else:
+            self.fail_for_good(code, message)
+
+    def fail_for_good(self, code: str, message: str) -> None:
+        if self.end():
+            self.client.fail(code, message)
+
+    def take_resumed(self) -> bool:
+        """Count what the attempt resumed; whether it moved bytes of its own."""
+        attempt = self.attempt
+        if attempt is None:
+            return False
+        self.reached = self.reached or attempt.exchange.heard
+        resumed, attempt.sender.resumed_bytes = attempt.sender.resumed_bytes, 0
+        self.resumed_bytes += resumed
+        return attempt.bytes_moved > resumed
+
+    def may_retry(self, code: str, moved: bool) -> bool:
+        now = self.ctx.loop.clock()
+        if moved:
+            self.streak_since = math.inf  # it moved before it broke
+        if self.streak_since == math.inf:
+            self.streak_since, self.failed_in_a_row = now, 0
+        self.failed_in_a_row += 1
+        # A peer never reached is no lost link: nobody there, or a typo; say so at once.
+        return (self.reached and code in RETRY_CODES and now - self.streak_since < self.retry_for
+                and not self.client.closed)
+
+    def retry_later(self, code: str, message: str) -> None:
+        wait = BACKOFF_S[min(self.failed_in_a_row - 1, len(BACKOFF_S) - 1)]
+        self.attempt = None
+        self.client.reply({"event": "retrying", "id": self.id, "attempt": self.attempts + 1, "code": code,
+                           "error": message, "in": wait})
+        self.deadline = self.ctx.loop.clock() + wait
+        self.ctx.loop.schedule(self)
+
+    def on_deadline(self) -> None:
+        self.deadline = math.inf
+        self.start_attempt()
+
+    def summary(self, last: Dict[str, Any]) -> Dict[str, Any]:
+        entries = self.walk.entries
+        return dict(last, id=self.id, files=len(entries), bytes=entries.total,
+                    seconds=round(self.ctx.loop.clock() - self.started, 3), attempts=self.attempts,
+                    resumed_bytes=self.resumed_bytes)
+
+    # -- the end
+
+    def end(self) -> bool:
+        """Stop for good; True the first time (the one that answers the client)."""
+        if self.answered:
+            return False
+        self.answered = True
+        self.close()
+        return True
+
+    def cancel(self, code: str, message: str) -> None:
+        """The client is gone, or asked to stop."""
+        self.answered = True
+        attempt, self.attempt = self.attempt, None
+        self.close()
+        if attempt is not None and not attempt.closed:
+            attempt.cancel(code, message)
+
+    def on_internal_error(self) -> None:
+        if self.end():
+            self.client.fail("internal-error", "internal error sending; see the daemon log")
+
+    def close(self) -> None:
+        self.closed = True
+        self.ctx.loop.done(self)
