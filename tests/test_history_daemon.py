@@ -210,3 +210,14 @@ def test_a_message_whose_client_went_away_is_recorded_as_cancelled(net):
         conn.close()
     finally:
         silent.close()
+
+
+def test_a_hand_edited_entry_of_odd_fields_still_prints():
+    from tnet.cli import history_row
+
+    assert history_row({})[:3] == ["?", "?", "?"]
+    row = history_row({"time": "noon", "kind": "transfer", "files": "many", "files_total": True, "bytes": "1",
+                       "name": "evil\x1b[2J", "code": 7})
+    assert row[0] == "?" and row[2] == "evil\\x1b[2J" and row[3] == "0 files, 0 B" and row[4] == "7"
+    long = history_row({"kind": "message", "text": "x" * 100, "peer": "10.0.0.1"})
+    assert long[2] == "10.0.0.1" and len(long[3]) == len("message: ") + 60

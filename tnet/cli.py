@@ -444,14 +444,19 @@ def history_row(entry: Dict[str, Any]) -> List[str]:
     if entry.get("kind") == "message":
         what = "message: " + shorten_end(printable(str(entry.get("text", ""))), 60)
     else:
-        files = entry.get("files") if isinstance(entry.get("files"), list) else []
-        count = entry.get("files_total") if isinstance(entry.get("files_total"), int) else len(files)
-        size = entry.get("bytes") if isinstance(entry.get("bytes"), (int, float)) else 0
-        names = [printable(str(f.get("file", ""))) for f in files[:HISTORY_FILES_SHOWN] if isinstance(f, dict)]
-        what = f"{plural(count, 'file')}, {human_size(size)}"
+        files = [f for f in field_of(entry, "files", list, []) if isinstance(f, dict)]
+        count = field_of(entry, "files_total", int, len(files))
+        names = [printable(str(f.get("file", ""))) for f in files[:HISTORY_FILES_SHOWN]]
+        what = f"{plural(count, 'file')}, {human_size(field_of(entry, 'bytes', int, 0))}"
         if names:
             what += ": " + ", ".join(names) + (", ..." if count > len(names) else "")
     return [stamp, printable(str(entry.get("direction", "?"))), who, what, printable(str(entry.get("code", "?")))]
+
+
+def field_of(entry: Dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+    """``entry[key]`` if it is a ``kind``, else ``default``."""
+    value = entry.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else default
 
 
 def shorten_end(text: str, room: int) -> str:
