@@ -76,6 +76,7 @@ examples:
   tnet send 192.168.1.20 photos/     send a folder to an address
   tnet message laptop "lunch?"       a short note, shown by `tnet watch` there
   tnet watch                         follow incoming messages and transfers
+  tnet history --peer laptop         what went to and came from laptop
   tnet send --json laptop a.txt      JSON Lines for scripts; every command takes --json
 
 `tnet COMMAND --help` explains one command, with examples.
