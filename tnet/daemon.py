@@ -121,6 +121,7 @@ class Daemon:
                  ",".join(self.discovery.broadcasts), self.store.save_dir)
         if cfg.peers:
             log.info("discovery also asks %s", ", ".join(f"{address}:{port}" for address, port in cfg.peers))
+        log.info("history in %s (at most %d entries)", self.recorder.history.path, cfg.history_max)
 
     def open_tcp(self) -> socket.socket:
         cfg = self.config
