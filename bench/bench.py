@@ -124,6 +124,7 @@ class TnetDaemon:
             "HOST_NAME": host.name,
             "FILE_SAVE_DIR": str(self.downloads),
             "TEMP_DIR": str(self.temp),
+            "STATE_DIR": str(self.dir / "state"),
             "COMMAND_SOCKET": str(self.dir / "commands"),
             "EVENT_SOCKET": str(self.dir / "events"),
             "LOG_LEVEL": "warning",

@@ -49,6 +49,7 @@ class Host:
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), BIND_ADDRESS=address,
                         BROADCAST_ADDRESS="127.255.255.255", BROADCAST_PORT=str(port), HOST_NAME=name,
                         FILE_SAVE_DIR=str(self.dir / "Downloads"), TEMP_DIR=str(self.dir / "tmp"),
+                        STATE_DIR=str(self.dir / "state"),
                         COMMAND_SOCKET=str(self.dir / "run" / "commands"),
                         EVENT_SOCKET=str(self.dir / "run" / "events"), LOG_LEVEL="warning")
         self.log = open(self.dir / "daemon.log", "wb")

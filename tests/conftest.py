@@ -67,7 +67,8 @@ def free_udp_port() -> int:
 
 
 def base_env() -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TNET", "BIND_", "BROADCAST_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TNET", "BIND_", "BROADCAST_")) and k not in ("PEERS", "STATE_DIR", "HISTORY_MAX")}
     env["PYTHONPATH"] = str(ROOT)
     return env
 
@@ -142,6 +143,7 @@ class Daemon:
             "HOST_NAME": name,
             "FILE_SAVE_DIR": str(self.downloads),
             "TEMP_DIR": str(self.temp),
+            "STATE_DIR": str(self.dir / "state"),  # its own history, never the real ~/.local/state
             "COMMAND_SOCKET": os.path.join(sockdir, name, "commands"),
             "EVENT_SOCKET": os.path.join(sockdir, name, "events"),
             "LOG_LEVEL": "debug",

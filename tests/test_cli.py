@@ -568,6 +568,9 @@ def test_bash_completion(net, tmp_path):
     a.cli("discover")
     assert complete(["tnet", "send", "b"], env) == ["bravo"]
     assert complete(["tnet", "send", "--json", "bravo", str(script)[:-3]], env) == [str(script)]
+    assert sorted(complete(["tnet", "history", "--"], env)) == ["--help", "--json", "--limit", "--peer"]
+    assert complete(["tnet", "history", "--peer", "b"], env) == ["bravo"]
+    assert complete(["tnet", "history", "--limit", ""], env) == []
 
 
 # --- 8. Help that teaches ---------------------------------------------------------------------

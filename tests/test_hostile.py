@@ -37,7 +37,7 @@ def tree(root: Path) -> Dict[str, bytes]:
             rel = os.path.relpath(path, root)
             if os.path.islink(path):
                 found[rel] = b"-> " + os.readlink(path).encode()
-            elif os.path.isfile(path) and name != "daemon.log":
+            elif os.path.isfile(path) and name not in ("daemon.log", "history.jsonl"):  # the daemon's own records
                 with open(path, "rb") as f:
                     found[rel] = f.read()
     return found
@@ -179,6 +179,8 @@ def test_hostile_file_names_are_refused_and_nothing_is_written(net, tmp_path):
     wait_until(lambda: len(events.of("transfer-failed")) == len(cases), what="every offer to fail")
     assert {e["code"] for e in events.of("transfer-failed")} == {"bad-name"}
     assert tree(tmp_path) == before
+    history = b.request("history")[-1]["entries"]
+    assert len(history) == len(cases) and {(e["direction"], e["code"]) for e in history} == {("in", "bad-name")}
     assert os.path.exists("/etc/x") == etc_x
     assert b.temp_files() == []
 

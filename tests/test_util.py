@@ -94,3 +94,53 @@ def test_printable_escapes_terminal_control():
     assert util.printable("a\x1b[31mb\nc\x07") == "a\\x1b[31mb\\nc\\x07"
     assert util.printable("naïve ✓") == "naïve ✓"
     assert util.printable("\u202e") == "\\u202e"
+
+
+def test_peers_are_addresses_with_an_optional_port_defaulting_to_our_broadcast_port():
+    config = load_config({"PEERS": " 10.0.2.7, 10.0.3.9:4000 ,,10.0.2.7", "BROADCAST_PORT": "5000"})
+    assert config.peers == (("10.0.2.7", 5000), ("10.0.3.9", 4000))  # the duplicate merged
+    assert load_config({"PEERS": "10.0.2.7"}).peers == (("10.0.2.7", 0xC0DE),)
+    assert load_config({}).peers == () and load_config({"PEERS": " "}).peers == ()
+    assert config.lists("10.0.3.9") and not config.lists("10.0.3.10")
+
+
+@pytest.mark.parametrize("value,says", [
+    ("nas.local", "host names are not looked up"), ("nas.local:49374", "host names are not looked up"),
+    ("localhost", "'localhost' is not an IPv4 address"), ("10.0.0.1:0", "1 to 65535"),
+    ("10.0.0.1:65536", "1 to 65535"), ("10.0.0.1:port", "not a number"), ("::1", "not an IPv4 address"),
+    ("224.0.0.1", "not one host's address"), ("0.0.0.0", "not one host's address"),
+    ("255.255.255.255", "not one host's address"), ("10.0.0.300", "not an IPv4 address"),
+])
+def test_bad_peers_are_refused_with_a_clear_message(value, says):
+    with pytest.raises(ConfigError) as info:
+        load_config({"PEERS": value})
+    assert str(info.value).startswith("PEERS=") and says in str(info.value)
+
+
+def test_peers_limit_at_n_and_n_plus_one():
+    many = [f"10.{i // 250}.{i % 250}.1" for i in range(util.MAX_STATIC_PEERS + 1)]
+    assert len(load_config({"PEERS": ",".join(many[:-1])}).peers) == util.MAX_STATIC_PEERS
+    with pytest.raises(ConfigError):
+        load_config({"PEERS": ",".join(many)})
+
+
+def test_allow_from_lists_a_requester_only_when_set():
+    assert not load_config({}).lists("10.9.9.9")  # ALLOW_FROM unset takes everyone's files, lists no one
+    assert load_config({"ALLOW_FROM": "10.9.0.0/16"}).lists("10.9.9.9")
+
+
+def test_state_dir_follows_state_dir_then_xdg_state_home_then_home():
+    assert load_config({"STATE_DIR": "/s", "XDG_STATE_HOME": "/x"}).state_dir == "/s"
+    assert load_config({"XDG_STATE_HOME": "/x", "HOME": "/h"}).state_dir == "/x/tnet"
+    assert load_config({"XDG_STATE_HOME": "rel", "HOME": "/h"}).state_dir == "/h/.local/state/tnet"
+    assert load_config({"HOME": "/h"}).state_dir == "/h/.local/state/tnet"
+
+
+def test_history_max_defaults_to_ten_thousand_and_is_bounded():
+    assert load_config({}).history_max == 10_000
+    assert load_config({"HISTORY_MAX": "1"}).history_max == 1
+    assert load_config({"HISTORY_MAX": str(util.MAX_HISTORY_MAX)}).history_max == util.MAX_HISTORY_MAX
+    for bad in ("0", str(util.MAX_HISTORY_MAX + 1), "lots"):
+        with pytest.raises(ConfigError) as info:
+            load_config({"HISTORY_MAX": bad})
+        assert "HISTORY_MAX" in str(info.value)

@@ -13,7 +13,12 @@ The package, top to bottom; a module imports only modules below it
 * ``peers``: what both ends share (deadlines, backpressure, the lingering
   close, ``PeerContext``: what a connection is handed instead of the daemon).
 * ``clients``: the local connections: command clients, events subscribers.
-* ``discovery``: our requests and the answers; whom to answer; the names.
+* ``recorder``: the history fed from what the peers publish and from the
+  answers to sends and messages; the ``history`` request, read a slice
+  per turn.
+* ``history``: the history file (STATE_DIR/history.jsonl), bounded, append-only.
+* ``discovery``: our requests (broadcast, and unicast to PEERS) and the
+  answers; whom to answer; the names.
 * ``store``: TEMP_DIR and FILE_SAVE_DIR on folder descriptors; placing files.
 * ``walk``: the files a send names, walked a slice at a time, held compactly.
 * ``loop``: the selector, timers, signals, slices of work, ``Conn``.

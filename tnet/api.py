@@ -75,6 +75,7 @@ REQUESTS: Dict[str, Dict[str, Tuple[Any, bool]]] = {
     "cancel": {"id": (str, True)},
     "accept": {"id": (str, True)},
     "decline": {"id": (str, True)},
+    "history": {"limit": (int, False), "peer": (str, False)},
 }
 
 
@@ -109,6 +110,10 @@ def decode_request(line: bytes) -> Request:
             raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
     if "retry_for" in obj and not 0 <= obj["retry_for"] <= MAX_RETRY_FOR_S:
         raise RemoteProtocolError("bad-request", f"retry_for must be 0 to {MAX_RETRY_FOR_S:g} s")
+    if cmd == "history" and obj.get("limit", 1) < 1:
+        raise RemoteProtocolError("bad-request", "history: 'limit' is at least 1")
+    if cmd == "history" and obj.get("peer", "x") == "":
+        raise RemoteProtocolError("bad-request", "history: 'peer' is an address or a name")
     if "timeout" in obj and not 0 < obj["timeout"] <= MAX_DISCOVER_TIMEOUT_S:
         raise RemoteProtocolError("bad-request", f"timeout must be over 0 and at most {MAX_DISCOVER_TIMEOUT_S:g} s")
     return Request(cmd=cmd, args=obj)

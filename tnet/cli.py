@@ -76,6 +76,7 @@ examples:
   tnet send 192.168.1.20 photos/     send a folder to an address
   tnet message laptop "lunch?"       a short note, shown by `tnet watch` there
   tnet watch                         follow incoming messages and transfers
+  tnet history --peer laptop         what went to and came from laptop
   tnet send --json laptop a.txt      JSON Lines for scripts; every command takes --json
 
 `tnet COMMAND --help` explains one command, with examples.
@@ -181,8 +182,8 @@ def duration(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 60 else human_duration(seconds)
 
 
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+def plural(count: int, word: str, words: str = "") -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"
 
 
 class Progress:
@@ -419,6 +420,59 @@ def cmd_by_id(cmd: str, done: str) -> Callable[[argparse.Namespace, Dict[str, st
     return handler
 
 
+def cmd_history(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
+    query = {key: value for key, value in (("limit", args.limit), ("peer", args.peer)) if value is not None}
+    answer = run_simple(env, "history", **query)
+    entries = answer.get("entries", [])
+    if args.json:
+        for entry in entries:
+            print_json(entry, out)
+    elif entries:
+        columns([history_row(entry) for entry in entries], out)
+    else:
+        print("no history" + (f" with {printable(args.peer)}" if args.peer else ""), file=sys.stderr)
+    if answer.get("skipped"):
+        print(f"tnet history: warning: {plural(answer['skipped'], 'corrupt line')} in the history file skipped",
+              file=sys.stderr)
+    if answer.get("omitted"):
+        print(f"tnet history: {plural(answer['omitted'], 'older entry', 'older entries')} left out (more than one "
+              "answer holds); --limit or --peer narrow it", file=sys.stderr)
+    return EXIT_OK
+
+
+HISTORY_FILES_SHOWN = 3  # file names on a transfer's line; the count says how many there were
+
+
+def history_row(entry: Dict[str, Any]) -> List[str]:
+    """time, direction, peer, what, result: one history entry for people.
+    The file may have been edited by hand: any field may be missing or odd."""
+    when = entry.get("time")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "?"
+    name, address = printable(str(entry.get("name") or "")), printable(str(entry.get("peer") or ""))
+    who = f"{name} ({address})" if name and address else name or address or "?"
+    if entry.get("kind") == "message":
+        what = "message: " + shorten_end(printable(str(entry.get("text", ""))), 60)
+    else:
+        files = [f for f in field_of(entry, "files", list, []) if isinstance(f, dict)]
+        count = field_of(entry, "files_total", int, len(files))
+        names = [printable(str(f.get("file", ""))) for f in files[:HISTORY_FILES_SHOWN]]
+        what = f"{plural(count, 'file')}, {human_size(field_of(entry, 'bytes', int, 0))}"
+        if names:
+            what += ": " + ", ".join(names) + (", ..." if count > len(names) else "")
+    return [stamp, printable(str(entry.get("direction", "?"))), who, what, printable(str(entry.get("code", "?")))]
+
+
+def field_of(entry: Dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+    """``entry[key]`` if it is a ``kind``, else ``default``."""
+    value = entry.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+
+def shorten_end(text: str, room: int) -> str:
+    """Keep the start of a long message: it says what it is about."""
+    return text if len(text) <= room else text[:room - 1] + "\u2026"
+
+
 def describe_event(event: Dict[str, Any]) -> str:
     """One line for people; every peer-supplied string escaped."""
     kind = event.get("event", "?")
@@ -582,6 +636,12 @@ def add_local_commands(sub: Any) -> None:
                    "TNET_<FIELD> (TNET_EVENT, TNET_NAME, TNET_PEER, TNET_TEXT, TNET_FILE, TNET_PATH, ...)")
     add_command(sub, "status", cmd_status, "show the daemon's configuration and open transfers", "tnet status",
         "tnet status --json")
+    p = add_command(sub, "history", cmd_history, "list the transfers and messages that ended, in and out, oldest "
+                    "first (time, direction, peer, what, result)",
+                    "tnet history", "tnet history --limit 20 --peer laptop", "tnet history --json | jq .code",
+                    more=". Kept by the daemon in STATE_DIR/history.jsonl, HISTORY_MAX entries at most.")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="the newest N entries only")
+    p.add_argument("--peer", metavar="P", help="only those with P: an address, or a name in any case")
     add_command(sub, "transfers", cmd_transfers, "list open transfers (id, direction, peer, file, progress)",
         "tnet transfers", "tnet transfers --json")
     for name, text, done in (
@@ -594,7 +654,18 @@ def add_local_commands(sub: Any) -> None:
         p.add_argument("id", help="transfer id, as `tnet transfers` or `tnet watch` show it")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
+
+
 JSON_HELP = {
+    "history": "one JSON object per entry, one per line, as the history file holds them",
     "daemon": "log as JSON objects, one per line, on stderr",
     "send": "JSON Lines: every answer of the daemon, the last one carrying \"ok\"",
     "watch": "each event as the daemon publishes it, one JSON object per line",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Callable, Dict, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 from . import api
 from .loop import Conn, Loop
@@ -44,6 +44,9 @@ class ClientConn(Conn):
         self.busy = False  # a request is being answered
         self.job: Any = None  # the walk or exchange it waits on: has ``closed`` and ``cancel``
         self.discarding = False  # its line was refused: read and drop the rest, then close
+        # Shown each line of the answer, the final one too (the history's witness of a send or message);
+        # a client gone before its final answer shows one saying it was cancelled.
+        self.observer: Optional[Callable[[Dict[str, Any]], None]] = None
 
     def on_readable(self) -> None:
         try:
@@ -102,6 +105,8 @@ class ClientConn(Conn):
 
     def reply(self, obj: Dict[str, Any]) -> None:
         """An intermediate line (a file done, progress); the request goes on."""
+        if self.observer is not None:
+            self.observer(obj)
         self.send_soon(api.encode_line(obj))
 
     def finish(self, obj: Dict[str, Any]) -> None:
@@ -112,6 +117,9 @@ class ClientConn(Conn):
         self.end_request(dict(extra, ok=False, code=code, error=message))
 
     def end_request(self, answer: Dict[str, Any]) -> None:
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            observer(answer)
         self.busy = False
         self.job = None
         self.send(api.encode_line(answer))
@@ -138,6 +146,9 @@ class ClientConn(Conn):
         if job is not None and not job.closed:
             # The one who asked is gone (Ctrl-C): nobody wants this transfer.
             job.cancel("cancelled", "the local client disconnected")
+        observer, self.observer = self.observer, None
+        if observer is not None and self.busy:
+            observer({"ok": False, "code": "cancelled", "error": "the local client disconnected"})
 
 
 class Subscriber(Conn):

@@ -4,7 +4,8 @@ Each handler gets the ``Services`` (the parts of the daemon it may use), the
 client and the request's checked arguments; it answers with
 ``client.finish``/``client.fail`` at once or later (a discovery window, a
 transfer), and raises ``LocalProtocolError`` to refuse. A send is a
-``sending.SendJob``: the walk, then its attempts.
+``sending.SendJob``: the walk, then its attempts. The history (``recorder``)
+is shown the answers of sends and messages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .inbound import InboundPeer
 from .loop import Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext
+from .recorder import HistoryJob, Recorder
 from .sending import DEFAULT_RETRY_FOR_S, SendJob
 from .store import Store
 from .util import Config
@@ -37,6 +39,7 @@ class Services:
     discovery: Discovery
     events: Events
     store: Store
+    recorder: Recorder
 
     @property
     def transfers(self) -> Dict[str, PeerConn]:
@@ -94,8 +97,14 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
 
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     first = proto.Message(services.config.host_name, args["text"])
-    services.discovery.resolve(args["peer"], lambda address: open_peer(services, client, address, first),
-                               client.fail)
+    note = services.recorder.outgoing_message(args["peer"], args["text"])
+    client.observer = note.on_answer  # the final answer goes in the history
+
+    def deliver(address: str) -> None:
+        note.address = address
+        open_peer(services, client, address, first)
+
+    services.discovery.resolve(args["peer"], deliver, client.fail)
 
 
 def cmd_send(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
@@ -154,6 +163,10 @@ def cmd_decide(accepted: bool) -> Handler:
     return handler
 
 
+def cmd_history(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
+    HistoryJob(services.loop, client, services.recorder.history, args.get("limit"), args.get("peer")).start()
+
+
 COMMANDS: Dict[str, Handler] = {
     "status": cmd_status,
     "discover": cmd_discover,
@@ -164,9 +177,16 @@ COMMANDS: Dict[str, Handler] = {
     "cancel": cmd_cancel,
     "accept": cmd_decide(True),
     "decline": cmd_decide(False),
+    "history": cmd_history,
 }
 
 
 def dispatcher(services: Services) -> Callable[[ClientConn, api.Request], None]:
     """What a ClientConn calls with each request."""
-    return lambda client, request: COMMANDS[request.cmd](services, client, request.args)
+
+    def dispatch(client: ClientConn, request: api.Request) -> None:
+        if request.cmd == "send":
+            client.observer = services.recorder.on_send_line  # its file-done lines name the files sent
+        COMMANDS[request.cmd](services, client, request.args)
+
+    return dispatch

@@ -5,8 +5,9 @@ signals, slices of work), the ``store`` (TEMP_DIR and FILE_SAVE_DIR), the
 ``clients`` (the command socket's connections; the events socket's
 subscribers), ``discovery`` (the UDP listener, our requests, the peers'
 names), the peers (``inbound`` for the TCP listener's connections,
-``outbound`` for ours, sharing a ``peers.PeerContext``) and the
-``commands`` local clients may run. It opens the four sockets, accepts on
+``outbound`` for ours, sharing a ``peers.PeerContext``), the ``recorder``
+(the history: what the peers publish goes through it to the events
+socket) and the ``commands`` local clients may run. It opens the four sockets, accepts on
 them, refuses peers beyond the connection limits, and stops cleanly.
 
 Reading order for a newcomer: this module, then ``loop``, ``clients`` and
@@ -32,11 +33,13 @@ from . import protocol as proto
 from .clients import ClientConn, Events
 from .commands import Services, dispatcher
 from .discovery import Discovery
+from .history import HISTORY_FILE, History, HistoryError
 from .inbound import InboundPeer
 from .keep import Keep
 from .loop import Listener, Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
+from .recorder import Recorder
 from .store import Store, StoreError, remove_quietly
 from .util import Config, monotonic
 
@@ -64,13 +67,15 @@ class Daemon:
         self.loop = Loop(clock)
         self.store = Store(config.save_dir, config.temp_dir, nonce())
         self.events = Events(self.loop)
+        self.recorder = Recorder(History(os.path.join(config.state_dir, HISTORY_FILE), config.history_max),
+                                 self.events.publish, config.max_connections)
         self.transfer_ids = iter(range(1, 1 << 62))
-        self.peers = PeerContext(loop=self.loop, config=config, store=self.store, publish=self.events.publish,
+        self.peers = PeerContext(loop=self.loop, config=config, store=self.store, publish=self.recorder.publish,
                                  learn=self.learn, new_transfer_id=lambda: str(next(self.transfer_ids)))
         self.discovery = Discovery(self.loop, config, nonce, self.answer,
                                    lambda: len(self.peers.registry.answering))
         self.services = Services(config=config, loop=self.loop, peers=self.peers, discovery=self.discovery,
-                                 events=self.events, store=self.store)
+                                 events=self.events, store=self.store, recorder=self.recorder)
         self.dispatch = dispatcher(self.services)
         self.listeners: List[Listener] = []
         self.socket_paths: List[str] = []
@@ -83,6 +88,10 @@ class Daemon:
     def start(self) -> None:
         """Open the four sockets, or raise StartupError with the reason."""
         cfg = self.config
+        try:
+            self.recorder.open()
+        except HistoryError as exc:
+            raise StartupError(f"STATE_DIR={cfg.state_dir}: {exc}") from None
         try:
             self.store.open(time.time())
             if cfg.resume_keep_s:
@@ -119,6 +128,9 @@ class Daemon:
         log.info("tnet %s: %s on %s:%d, discovery on port %d to %s, saving to %s", __version__,
                  cfg.host_name, cfg.bind_address, cfg.receive_port, cfg.broadcast_port,
                  ",".join(self.discovery.broadcasts), self.store.save_dir)
+        if cfg.peers:
+            log.info("discovery also asks %s", ", ".join(f"{address}:{port}" for address, port in cfg.peers))
+        log.info("history in %s (at most %d entries)", self.recorder.history.path, cfg.history_max)
 
     def open_tcp(self) -> socket.socket:
         cfg = self.config
@@ -190,6 +202,7 @@ class Daemon:
         if self.peers.keep is not None:
             self.peers.keep.close()
         self.store.close()
+        self.recorder.close()
         self.loop.close()
 
     def say_goodbye(self, item: Any) -> None:

@@ -1,7 +1,8 @@
 """Discovery (§5): asking who is there, answering who asks, and the names learnt.
 
 ``Discovery`` broadcasts our requests and collects the answers in
-``Window``s; it takes the datagrams of the UDP listener and decides, within
+``Window``s, and asks the static peers (PEERS) by unicast at the same time;
+it takes the datagrams of the UDP listener and decides, within
 bounded budgets, whom to answer (the answer itself, a TCP connection, is
 made by the caller's ``answer``). ``Directory`` holds the names learnt, only
 from answers to our own requests, one per address. ``resolve`` turns what a
@@ -127,24 +128,26 @@ class Discovery:
     # -- asking
 
     def discover(self, timeout: float, on_done: Callable[[Found], None]) -> None:
-        """Broadcast a request; call ``on_done(found)`` when the window closes."""
+        """Broadcast a request, and send it to each of PEERS; call
+        ``on_done(found)`` when the window closes."""
         nonce = self.nonce()
         window = Window(nonce, self.loop.clock() + timeout, on_done, lambda w: self.windows.pop(w.nonce, None))
         request = proto.encode_discovery(proto.DiscoveryRequest(self.config.host_name, nonce, self.port))
         errors = []
         # Asked again each time: interfaces come up and get addresses after we start.
         self.broadcasts = broadcast_targets(self.config)
+        targets = [(target, self.config.broadcast_port) for target in self.broadcasts] + list(self.config.peers)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if self.config.bind_address != "0.0.0.0":
                 udp.bind((self.config.bind_address, 0))  # answers come back to our address
-            for target in self.broadcasts:
+            for target, port in targets:
                 try:
-                    udp.sendto(request, (target, self.config.broadcast_port))
+                    udp.sendto(request, (target, port))
                 except OSError as exc:
-                    errors.append(f"{target}: {exc.strerror}")
-        if len(errors) == len(self.broadcasts):
-            raise proto.LocalProtocolError("discovery-failed", "cannot broadcast: " + "; ".join(errors))
+                    errors.append(f"{target}:{port}: {exc.strerror}")
+        if len(errors) == len(targets):
+            raise proto.LocalProtocolError("discovery-failed", "cannot send a discovery: " + "; ".join(errors))
         for error in errors:
             log.warning("discovery: %s", error)
         self.windows[nonce] = window
@@ -212,14 +215,17 @@ class Discovery:
 
     def in_scope(self, host: str) -> bool:
         """Whom we answer at all (§5): never a network our bind address cannot
-        belong to, never one we are not directly connected to."""
+        belong to, never one we are not directly connected to unless PEERS or
+        ALLOW_FROM names the requester."""
         ip = ipaddress.IPv4Address(host)
         if ip.is_multicast or ip.is_unspecified or host == "255.255.255.255":
             return False
         bind = ipaddress.IPv4Address(self.config.bind_address)
         if not bind.is_unspecified and ip.is_loopback != bind.is_loopback:
             return False
-        return any(ip in network for network in self.local_networks())  # a spoofed source elsewhere: no
+        if any(ip in network for network in self.local_networks()):
+            return True
+        return self.config.lists(host)  # a spoofed source elsewhere: only where we were told to answer
 
     def local_networks(self) -> List[ipaddress.IPv4Network]:
         """The directly connected networks, asked again every few seconds."""

@@ -9,7 +9,8 @@ newest HISTORY_MAX entries: O(1) per append, amortised.
 
 It does I/O on that one file (and a temp file beside it) only: no sockets, no
 clock (the caller passes each entry's time), never through a link. One daemon
-writes a given file; readers (``tnet history``) may come and go.
+writes a given file (``open`` takes a lock on it, and a second writer is
+refused); readers may come and go.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import logging
 import os
 import stat
 import tempfile
-from typing import IO, Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Deque, Dict, Generator, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .api import encode_line
+from .util import DEFAULT_HISTORY_MAX, state_dir
 
 log = logging.getLogger("tnet")
 
 HISTORY_FILE = "history.jsonl"
-DEFAULT_HISTORY_MAX = 10_000  # entries: months of use, a few MiB
 MIN_SLACK_LINES = 100  # a rewrite every append or so would stall the loop on a small HISTORY_MAX
 SLACK_FRACTION = 10  # the file may hold HISTORY_MAX + 10 %: a rewrite every thousand appends at the default
 MAX_LINE_BYTES = 1024 * 1024  # newline included; a longer line is corrupt, never held in memory
@@ -56,14 +57,8 @@ class HistoryError(Exception):
 
 
 def history_path(env: Mapping[str, str]) -> str:
-    """STATE_DIR/history.jsonl; STATE_DIR defaults to $XDG_STATE_HOME/tnet, else
-    ~/.local/state/tnet (a relative XDG_STATE_HOME is ignored, as the XDG spec says)."""
-    state = env.get("STATE_DIR")
-    if not state:
-        xdg = env.get("XDG_STATE_HOME", "")
-        home = env.get("HOME") or os.path.expanduser("~")
-        state = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "tnet")
-    return os.path.join(state, HISTORY_FILE)
+    """STATE_DIR/history.jsonl (STATE_DIR as ``util.state_dir`` finds it)."""
+    return os.path.join(state_dir(env), HISTORY_FILE)
 
 
 # --- Entries --------------------------------------------------------------------
@@ -139,6 +134,12 @@ class History:
             raise HistoryError("history-io", f"cannot create {folder}: {exc.strerror}") from None
         self._fd = _open_file(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise HistoryError("history-locked", f"{self.path}: another tnet daemon writes its history there; "
+                                                 "give each daemon its own STATE_DIR") from None
+        try:
             if stat.S_IMODE(os.fstat(self._fd).st_mode) != _FILE_MODE:
                 os.fchmod(self._fd, _FILE_MODE)
             self._lines = self._count_lines()
@@ -179,19 +180,25 @@ class History:
         keep = self.max_entries if limit is None else max(0, min(limit, self.max_entries))
         found: Deque[Dict[str, Any]] = collections.deque(maxlen=keep)
         skipped = 0
+        for item in self.scan():
+            if item is None:
+                skipped += 1
+            elif peer is None or matches(item[1], peer):
+                found.append(item[1])
+        return list(found), skipped
+
+    def scan(self) -> Generator[Optional[Tuple[bytes, Dict[str, Any]]], None, None]:
+        """(line, entry) for each good line, oldest first, None for each
+        corrupt one, one line in memory at a time, for a reader that goes a
+        slice at a time (close the iterator to stop early). No file yet: none."""
         try:
             fd = _open_file(self.path, os.O_RDONLY)
         except HistoryError as exc:
             if exc.code == "history-missing":
-                return [], 0
+                return
             raise
         with open(fd, "rb") as f:
-            for item in _entries(f):
-                if item is None:
-                    skipped += 1
-                elif peer is None or _matches(item[1], peer):
-                    found.append(item[1])
-        return list(found), skipped
+            yield from _entries(f)
 
     def _count_lines(self) -> int:
         with open(self._fd, "rb", closefd=False) as f:
@@ -224,6 +231,7 @@ class History:
                                 kept += 1
             os.fsync(temp_fd)
             fcntl.fcntl(temp_fd, fcntl.F_SETFL, fcntl.fcntl(temp_fd, fcntl.F_GETFL) | os.O_APPEND)
+            fcntl.flock(temp_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before anyone can open it by name
             os.replace(temp_path, self.path)
         except OSError as exc:
             if temp_fd >= 0:
@@ -283,6 +291,7 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def _matches(entry: Dict[str, Any], peer: str) -> bool:
+def matches(entry: Dict[str, Any], peer: str) -> bool:
+    """Whether ``entry`` is with ``peer``: its exact address, or its name in any case."""
     name = entry.get("name")
     return entry.get("peer") == peer or (isinstance(name, str) and name.casefold() == peer.casefold())

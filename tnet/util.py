@@ -34,7 +34,17 @@ ACCEPT                 auto                        auto: take every offer; ask: 
                                                    `tnet accept ID` / `tnet decline ID`
 ASK_TIMEOUT            120                         seconds an offer waits in ask mode
 ALLOW_FROM             (everyone)                  comma-separated IPv4 addresses or networks
-                                                   whose offers and messages are taken
+                                                   whose offers and messages are taken (and
+                                                   whose discoveries are answered from any
+                                                   network)
+PEERS                  (none)                      comma-separated IPv4 addresses, each
+                                                   optionally address:port (the peer's
+                                                   BROADCAST_PORT, default ours), asked by
+                                                   unicast at each discovery, and answered
+                                                   from any network; no host names
+STATE_DIR              $XDG_STATE_HOME/tnet, else  where the history file lives (one daemon
+                       ~/.local/state/tnet         per STATE_DIR)
+HISTORY_MAX            10000                       history entries kept, the oldest dropped
 RESUME_KEEP            24                          hours a partial file is kept for a resume
 LOG_LEVEL              info                        debug, info, warning or error
 =====================  ==========================  ==========================================
@@ -45,6 +55,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import struct
 import sys
@@ -59,6 +70,9 @@ DEFAULT_RECEIVE_PORT = 0xC00D
 MAX_TIMEOUT_S = 24 * 3600.0  # a longer timeout is a typo
 MAX_KEEP_HOURS = 24 * 365.0  # partials kept longer than a year are clutter, not a resume
 LIMITED_BROADCAST = "255.255.255.255"
+DEFAULT_HISTORY_MAX = 10_000  # entries: months of use, a few MiB
+MAX_HISTORY_MAX = 1_000_000  # a rewrite of the history reads it whole, on the loop: more would stall it
+MAX_STATIC_PEERS = 256  # each discovery sends a datagram to every one of PEERS, on the loop
 
 
 class ConfigError(Exception):
@@ -87,10 +101,21 @@ class Config:
     allow_from: Tuple[ipaddress.IPv4Network, ...] = ()
     log_level: str = "info"
     resume_keep_s: float = 24 * 3600.0
+    peers: Tuple[Tuple[str, int], ...] = ()  # PEERS: (address, UDP port)
+    state_dir: str = field(default_factory=lambda: state_dir(os.environ))
+    history_max: int = DEFAULT_HISTORY_MAX
 
     def allows(self, address: str) -> bool:
         """Whether ALLOW_FROM lets ``address`` send offers and messages."""
         if not self.allow_from:
+            return True
+        ip = ipaddress.IPv4Address(address)
+        return any(ip in net for net in self.allow_from)
+
+    def lists(self, address: str) -> bool:
+        """Whether PEERS or ALLOW_FROM (when set) names ``address``: its
+        discoveries are answered from any network (§5)."""
+        if any(address == peer for peer, _ in self.peers):
             return True
         ip = ipaddress.IPv4Address(address)
         return any(ip in net for net in self.allow_from)
@@ -170,6 +195,30 @@ def parse_network_list(name: str, text: str) -> Tuple[ipaddress.IPv4Network, ...
     return tuple(nets)
 
 
+def parse_peer_list(name: str, text: str, default_port: int) -> Tuple[Tuple[str, int], ...]:
+    """``address[:port],...`` as (address, port) pairs, duplicates merged.
+    Addresses only: a host name would need a DNS lookup, which may block."""
+    peers: List[Tuple[str, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host, _, port_text = item.partition(":")
+        try:
+            ip = ipaddress.IPv4Address(host.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: {host.strip()!r} is not an IPv4 address (host names are not "
+                              "looked up: give the address, optionally address:port)") from None
+        if ip.is_multicast or ip.is_unspecified or str(ip) == LIMITED_BROADCAST:
+            raise ConfigError(f"{name}={text!r}: {ip} is not one host's address (broadcasts go in "
+                              "BROADCAST_ADDRESS)")
+        port = parse_port(name, port_text) if port_text.strip() else default_port
+        if (str(ip), port) not in peers:
+            peers.append((str(ip), port))
+    if len(peers) > MAX_STATIC_PEERS:
+        raise ConfigError(f"{name}: {len(peers)} peers; at most {MAX_STATIC_PEERS}")
+    return tuple(peers)
+
+
 def parse_choice(name: str, text: str, choices: Tuple[str, ...]) -> str:
     value = text.strip().lower()
     if value not in choices:
@@ -181,6 +230,17 @@ def system_temp_dir() -> str:
     import tempfile  # only the daemon needs it: the CLI starts faster without
 
     return tempfile.gettempdir()
+
+
+def state_dir(env: Mapping[str, str]) -> str:
+    """STATE_DIR; by default $XDG_STATE_HOME/tnet, else ~/.local/state/tnet (a
+    relative XDG_STATE_HOME is ignored, as the XDG spec says)."""
+    state = env.get("STATE_DIR")
+    if state:
+        return state
+    xdg = env.get("XDG_STATE_HOME", "")
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "tnet")
 
 
 def command_socket_path(env: Mapping[str, str]) -> str:
@@ -196,6 +256,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     values: dict = {
         "event_socket": event_socket_path(env),
         "command_socket": command_socket_path(env),
+        "state_dir": state_dir(env),
     }
     parsers = {
         "BROADCAST_PORT": ("broadcast_port", parse_port),
@@ -213,6 +274,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         "ALLOW_FROM": ("allow_from", parse_network_list),
         "RESUME_KEEP": ("resume_keep_s", parse_hours),
         "LOG_LEVEL": ("log_level", lambda n, t: parse_choice(n, t, ("debug", "info", "warning", "error"))),
+        "HISTORY_MAX": ("history_max", lambda n, t: parse_int(n, t, 1, MAX_HISTORY_MAX)),
     }
     for var, (attr, parse) in parsers.items():
         text = env.get(var)
@@ -221,6 +283,8 @@ def load_config(env: Mapping[str, str]) -> Config:
     for var, attr in (("FILE_SAVE_DIR", "save_dir"), ("TEMP_DIR", "temp_dir"), ("HOST_NAME", "host_name")):
         if env.get(var):
             values[attr] = env[var]
+    if env.get("PEERS", "").strip():  # after BROADCAST_PORT: a peer's port defaults to ours
+        values["peers"] = parse_peer_list("PEERS", env["PEERS"], values.get("broadcast_port", DEFAULT_BROADCAST_PORT))
     config = Config(**values)
     if not config.host_name.isprintable() or len(config.host_name.encode("utf-8", "replace")) > 64:
         raise ConfigError(f"HOST_NAME={config.host_name!r}: printable, at most 64 bytes")

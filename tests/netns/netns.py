@@ -9,6 +9,10 @@ A ``Lab`` builds, for one test:
   route: a LAN without a gateway (``Lab(default_route=True)`` gives each host
   ``default dev eth0`` instead, for programs that find their interface through
   the routing table; the bridge still leads nowhere);
+* with ``Lab(lans=N)``, N such LANs, each its own bridge and /24, joined by a
+  router namespace (``.254`` on each, IPv4 forwarding on, so broadcasts stay
+  on their LAN as on any router) and a route on each host to the other LANs
+  through it: ``lab.host(name, lan=1)`` puts a host on the second one;
 * a ``tnet daemon`` per host, started as
   ``ip netns exec NS unshare --uts sh -c 'hostname NAME; exec python -m tnet daemon'``
   so that it has its own host name and runs with the default BIND_ADDRESS and
@@ -71,8 +75,9 @@ def run(*cmd: str, check: bool = True, timeout: float = 30.0) -> subprocess.Comp
 class Host:
     """One namespace on the bridge: its address, its veth, its daemon."""
 
-    def __init__(self, lab: Lab, name: str, ns: str, address: str, port: str) -> None:
+    def __init__(self, lab: Lab, name: str, ns: str, address: str, port: str, lan: int = 0) -> None:
         self.lab = lab
+        self.lan = lan  # which of the lab's LANs (bridges) it is on
         self.name = name  # its host name, set with `hostname` inside unshare --uts
         self.ns = ns
         self.address = address
@@ -96,6 +101,9 @@ class Host:
         self.run("ip", "addr", "add", f"{self.address}/24", "dev", "eth0")
         if self.lab.default_route:
             self.run("ip", "route", "add", "default", "dev", "eth0")
+        for lan, subnet in enumerate(self.lab.subnets):
+            if lan != self.lan:  # the other LANs are behind the router
+                self.run("ip", "route", "add", f"{subnet}.0/24", "via", self.lab.router_address(self.lan))
 
     def link(self, state: str) -> None:
         """``ip link set eth0 up|down`` inside this host."""
@@ -124,14 +132,17 @@ class NsDaemon(Daemon):
 
 
 class Lab:
-    """Namespaces on one bridge, for one test."""
+    """Namespaces on one bridge (or ``lans`` bridges and a router), for one test."""
 
-    def __init__(self, root: Path, default_route: bool = False) -> None:
+    def __init__(self, root: Path, default_route: bool = False, lans: int = 1) -> None:
         self.root = root
         self.default_route = default_route
         self.n = next(_labs)
         self.prefix = f"tn{_PID}n{self.n}"
         self.subnet = f"10.{1 + self.n % 250}.{_PID % 250}"
+        # Every LAN a /24 of its own; the namespaces keep labs apart, the numbers keep logs readable.
+        self.subnets = [self.subnet] + [f"172.{16 + lan}.{_PID % 250}" for lan in range(1, lans)]
+        self.router = ""  # its namespace, when there are several LANs
         self.sockdir = tempfile.mkdtemp(prefix="tn")  # short: UNIX socket paths are limited
         self.namespaces: List[str] = []
         self.procs: List[subprocess.Popen] = []
@@ -141,8 +152,28 @@ class Lab:
     def build(self) -> None:
         """The hub namespace and its bridge."""
         self.hub = self.add_namespace("h")
-        run("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", self.hub, "link", "set", "br0", "up")
+        for lan in range(len(self.subnets)):
+            run("ip", "-n", self.hub, "link", "add", f"br{lan}", "type", "bridge")
+            run("ip", "-n", self.hub, "link", "set", f"br{lan}", "up")
+        if len(self.subnets) > 1:
+            self.build_router()
+
+    def build_router(self) -> None:
+        """A namespace with a leg on each LAN (``eth<lan>``, address .254) that forwards IPv4 between them."""
+        self.router = self.add_namespace("r")
+        for lan in range(len(self.subnets)):
+            leg = f"eth{lan}"
+            run("ip", "-n", self.hub, "link", "add", f"r{lan}", "type", "veth", "peer", "name", leg,
+                "netns", self.router)
+            run("ip", "-n", self.hub, "link", "set", f"r{lan}", "master", f"br{lan}")
+            run("ip", "-n", self.hub, "link", "set", f"r{lan}", "up")
+            run("ip", "-n", self.router, "addr", "add", f"{self.router_address(lan)}/24", "dev", leg)
+            run("ip", "-n", self.router, "link", "set", leg, "up")
+        # Per namespace: writing it from inside the router's changes only the router.
+        run("ip", "netns", "exec", self.router, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+
+    def router_address(self, lan: int) -> str:
+        return f"{self.subnets[lan]}.254"
 
     def add_namespace(self, tag: str) -> str:
         ns = f"{self.prefix}{tag}"
@@ -151,26 +182,26 @@ class Lab:
         run("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
-    def host(self, name: str, configure: bool = True) -> Host:
-        """A new namespace on the bridge, called ``name``; no daemon yet."""
+    def host(self, name: str, configure: bool = True, lan: int = 0) -> Host:
+        """A new namespace on the bridge of LAN ``lan``, called ``name``; no daemon yet."""
         index = len(self.hosts) + 1
         ns = self.add_namespace(f"x{index}")
         port = f"v{index}"
         # Created from inside the hub: the host's namespace never sees either end.
         run("ip", "-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        run("ip", "-n", self.hub, "link", "set", port, "master", "br0")
+        run("ip", "-n", self.hub, "link", "set", port, "master", f"br{lan}")
         run("ip", "-n", self.hub, "link", "set", port, "up")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
-        host = Host(self, name, ns, f"{self.subnet}.{index}", port)
+        host = Host(self, name, ns, f"{self.subnets[lan]}.{index}", port, lan)
         self.hosts.append(host)
         if configure:
             host.configure()
         return host
 
-    def daemon(self, name: str, start: bool = True, configure: bool = True, **env: str) -> NsDaemon:
-        """A host called ``name`` running a daemon; ``env`` adds variables.
-        ``configure=False``: its eth0 gets no address yet (see Host.configure)."""
-        host = self.host(name, configure)
+    def daemon(self, name: str, start: bool = True, configure: bool = True, lan: int = 0, **env: str) -> NsDaemon:
+        """A host called ``name`` on LAN ``lan`` running a daemon; ``env`` adds
+        variables. ``configure=False``: its eth0 gets no address yet (see Host.configure)."""
+        host = self.host(name, configure, lan)
         host.daemon = NsDaemon(host, self.root, self.sockdir, env)
         return host.daemon.start() if start else host.daemon
 
@@ -200,7 +231,7 @@ class Lab:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
-_STALE = re.compile(r"(tn(\d+)n\d+(?:h|x\d+))(?:\s|$)")  # the names Lab gives
+_STALE = re.compile(r"(tn(\d+)n\d+(?:h|r|x\d+))(?:\s|$)")  # the names Lab gives
 
 
 def remove_stale_namespaces() -> None:
@@ -212,14 +243,14 @@ def remove_stale_namespaces() -> None:
             run("ip", "netns", "del", match.group(1), check=False)
 
 
-def make_lab(tmp_path: Path, default_route: bool = False):
+def make_lab(tmp_path: Path, default_route: bool = False, lans: int = 1):
     """Generator for the ``lab`` fixture: skips (or fails in CI) where
     namespaces cannot be made, and tears everything down afterwards.
-    ``default_route``: see ``Lab`` (pytest leaves a parameter with a default alone)."""
+    ``default_route``, ``lans``: see ``Lab`` (pytest leaves a parameter with a default alone)."""
     require_netns()
     if next(_labs_made) == 0:
         remove_stale_namespaces()
-    lab = Lab(tmp_path, default_route)
+    lab = Lab(tmp_path, default_route, lans)
     try:
         try:
             lab.build()
