@@ -25,7 +25,7 @@ ALLOWED = {
     "peers": {"api", "protocol", "keep", "loop", "store", "util"},
     "keep": {"protocol", "store"},
     "inbound": {"api", "protocol", "keep", "peers", "store", "util"},
-    "outbound": {"api", "protocol", "peers", "util", "walk"},
+    "outbound": {"api", "history", "protocol", "peers", "util", "walk"},
     "sending": {"protocol", "discovery", "outbound", "peers", "walk"},
     "commands": {"api", "protocol", "clients", "discovery", "inbound", "loop", "outbound", "peers", "recorder",
                  "sending", "store", "util", "walk"},

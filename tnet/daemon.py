@@ -71,7 +71,8 @@ class Daemon:
                                  self.events.publish, config.max_connections)
         self.transfer_ids = iter(range(1, 1 << 62))
         self.peers = PeerContext(loop=self.loop, config=config, store=self.store, publish=self.recorder.publish,
-                                 learn=self.learn, new_transfer_id=lambda: str(next(self.transfer_ids)))
+                                 learn=self.learn, new_transfer_id=lambda: str(next(self.transfer_ids)),
+                                 record_files=self.recorder.record_outgoing_files)
         self.discovery = Discovery(self.loop, config, nonce, self.answer,
                                    lambda: len(self.peers.registry.answering))
         self.services = Services(config=config, loop=self.loop, peers=self.peers, discovery=self.discovery,

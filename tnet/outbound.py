@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
 from . import api
 from . import protocol as proto
+from .history import file_record
 from .peers import MAX_OUT_BUFFER_BYTES, PeerConn, PeerContext
 from .util import printable
 from .walk import Entries
@@ -223,18 +224,21 @@ class FileSender:
                 copy_to += view[:n]
             count -= n
 
-    def finish_file(self, out: bytearray) -> None:
-        """Its `end`, or `failed` if it changed while being sent."""
+    def finish_file(self, out: bytearray) -> str:
+        """Its `end`, or `failed` if it changed while being sent; the SHA-256 sent, or ''."""
         assert self.stat is not None
         now = os.fstat(self.fd)
+        sha256 = ""
         if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
             reason = proto.clip_text(f"{self.name} changed while being sent")
             out += self.exchange.send(proto.Failed(self.index, "file-changed", reason))
         else:
-            out += self.exchange.send(proto.FileEnd(self.hasher.hexdigest()))
+            sha256 = self.hasher.hexdigest()
+            out += self.exchange.send(proto.FileEnd(sha256))
         self.close_file()
         self.index = -1
         self.resume = None
+        return sha256
 
     def close_file(self) -> None:
         if self.fd >= 0:
@@ -369,7 +373,9 @@ class OutboundPeer(PeerConn):
             self.on_io_error(exc)
             return 0
         if sender.in_file and sender.sent == sender.size and not (self.closed or self.lingering):
-            sender.finish_file(self.out)
+            sha256 = sender.finish_file(self.out)
+            if sha256:  # for the history: what was read, and its hash
+                self.ctx.record_files(self.id, [file_record(sender.name, sender.size, sha256, sender.path)])
         return max(step, 1)
 
     def start_entry(self) -> int:

@@ -22,7 +22,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from . import api
 from . import protocol as proto
@@ -81,6 +81,8 @@ class PeerContext:
     registry: PeerRegistry = field(default_factory=PeerRegistry)
     keep: Optional[Keep] = None  # partials kept for resume (§7); None: nothing is kept
     wall: Callable[[], float] = time.time  # for records that outlive the daemon
+    # The history's record of each file sent: (transfer id, [history.file_record, ...]).
+    record_files: Callable[[str, Sequence[Dict[str, Any]]], None] = lambda transfer_id, files: None
     # One buffer for every read: from peer sockets, and of files being hashed.
     # Whatever reads into it is done with it before the loop moves on.
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RECV_BYTES)))
