@@ -11,13 +11,14 @@ touch sockets, files or clocks, like ``protocol``, whose errors it raises.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .protocol import MAX_MESSAGE_BYTES, RemoteProtocolError, parse_json_object, to_json
 
 API_VERSION = 1  # of the local JSON API, §6
 MAX_LINE_BYTES = 1024 * 1024  # one request (a long list of paths)
 MAX_DISCOVER_TIMEOUT_S = 30.0  # a window longer than this is a mistake
+MAX_RECIPIENTS = 64  # peers of one send or message; a LAN's worth
 MAX_RETRY_FOR_S = 7 * 24 * 3600.0  # a send that keeps trying for more than a week is forgotten, not patient
 
 # --- Requests (§6.1) ------------------------------------------------------------
@@ -69,8 +70,10 @@ REQUESTS: Dict[str, Dict[str, Tuple[Any, bool]]] = {
     "status": {},
     "discover": {"timeout": (_NUMBER, False)},
     "peers": {},
-    "send": {"peer": (str, True), "paths": (list, True), "retry_for": (_NUMBER, False)},
-    "message": {"peer": (str, True), "text": (str, True)},
+    # To one peer, several (``peers``), or every one a fresh discovery finds (``all``): one of the three.
+    "send": {"peer": (str, False), "peers": (list, False), "all": (bool, False), "paths": (list, True),
+             "retry_for": (_NUMBER, False)},
+    "message": {"peer": (str, False), "peers": (list, False), "all": (bool, False), "text": (str, True)},
     "transfers": {},
     "cancel": {"id": (str, True)},
     "accept": {"id": (str, True)},
@@ -92,22 +95,43 @@ def decode_request(line: bytes) -> Request:
         if name not in schema:
             raise RemoteProtocolError("bad-request", f"{cmd} takes no argument {name!r}")
         types, _ = schema[name]
-        if not isinstance(value, types) or isinstance(value, bool):
+        # bool is an int subclass: true is no number, and only a flag is a flag
+        if not isinstance(value, types) or isinstance(value, bool) is not (types is bool):
             raise RemoteProtocolError("bad-request", f"{cmd}: {name!r} has the wrong type")
     for name, (_, required) in schema.items():
         if required and name not in obj:
             raise RemoteProtocolError("bad-request", f"{cmd} needs {name!r}")
-    if cmd == "send":
-        paths = obj["paths"]
-        if not paths or not all(isinstance(p, str) and p for p in paths):
-            raise RemoteProtocolError("bad-request", "send: 'paths' is a non-empty list of strings")
-    if cmd == "message":
-        try:
-            text_bytes = len(obj["text"].encode("utf-8"))
-        except UnicodeEncodeError:
-            raise RemoteProtocolError("bad-request", "message: text is not valid UTF-8") from None
-        if text_bytes > MAX_MESSAGE_BYTES:
-            raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
+    for check in _CHECKS.get(cmd, ()):
+        check(cmd, obj)
+    return Request(cmd=cmd, args=obj)
+
+
+def _check_paths(cmd: str, obj: Dict[str, Any]) -> None:
+    paths = obj["paths"]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise RemoteProtocolError("bad-request", "send: 'paths' is a non-empty list of strings")
+
+
+def _check_targets(cmd: str, obj: Dict[str, Any]) -> None:
+    given = [name for name in ("peer", "peers", "all") if obj.get(name) not in (None, False)]
+    if len(given) != 1:
+        raise RemoteProtocolError("bad-request", f"{cmd} needs one of 'peer', 'peers' or 'all'")
+    peers = obj.get("peers", [""])
+    if "peers" in obj and not (0 < len(peers) <= MAX_RECIPIENTS and all(isinstance(p, str) and p for p in peers)):
+        raise RemoteProtocolError("bad-request", f"{cmd}: 'peers' is a list of 1 to {MAX_RECIPIENTS} names or "
+                                                 "addresses")
+
+
+def _check_text(cmd: str, obj: Dict[str, Any]) -> None:
+    try:
+        text_bytes = len(obj["text"].encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RemoteProtocolError("bad-request", "message: text is not valid UTF-8") from None
+    if text_bytes > MAX_MESSAGE_BYTES:
+        raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
+
+
+def _check_numbers(cmd: str, obj: Dict[str, Any]) -> None:
     if "retry_for" in obj and not 0 <= obj["retry_for"] <= MAX_RETRY_FOR_S:
         raise RemoteProtocolError("bad-request", f"retry_for must be 0 to {MAX_RETRY_FOR_S:g} s")
     if cmd == "history" and obj.get("limit", 1) < 1:
@@ -116,7 +140,15 @@ def decode_request(line: bytes) -> Request:
         raise RemoteProtocolError("bad-request", "history: 'peer' is an address or a name")
     if "timeout" in obj and not 0 < obj["timeout"] <= MAX_DISCOVER_TIMEOUT_S:
         raise RemoteProtocolError("bad-request", f"timeout must be over 0 and at most {MAX_DISCOVER_TIMEOUT_S:g} s")
-    return Request(cmd=cmd, args=obj)
+
+
+# Command -> the checks beyond types, in order.
+_CHECKS: Dict[str, Tuple[Callable[[str, Dict[str, Any]], None], ...]] = {
+    "send": (_check_targets, _check_paths, _check_numbers),
+    "message": (_check_targets, _check_text),
+    "discover": (_check_numbers,),
+    "history": (_check_numbers,),
+}
 
 
 def encode_line(obj: Any) -> bytes:

@@ -204,10 +204,14 @@ class Progress:
         self.live = False  # a live line is on the screen
         self.file: Tuple[Any, str] = (None, "")  # (transfer id, file) of the live line
         self.file_started = 0.0
+        self.shares: Dict[str, str] = {}  # several peers at once: each one's share of its batch, in one line
 
     def update(self, event: Dict[str, Any]) -> None:
         """Redraw the live line from a progress event (on a terminal only)."""
         if not self.tty or not event.get("file"):
+            return
+        if event.get("peer_given"):
+            self.update_shares(event)
             return
         now = self.clock()
         key = (event.get("id"), event["file"])
@@ -221,6 +225,16 @@ class Progress:
         width = shutil.get_terminal_size().columns - 1  # the last column would wrap on some terminals
         name = shorten(printable(str(event["file"])), max(width - len(tail), 12))
         self.out.write("\r\x1b[2K" + (name + tail)[:width])
+        self.out.flush()
+        self.live = True
+
+    def update_shares(self, event: Dict[str, Any]) -> None:
+        """One line for a send to several peers: each one's percent of its batch."""
+        size, done = event.get("size") or 0, event.get("bytes") or 0
+        self.shares[str(event["peer_given"])] = f"{100 * done // size if size else 100}%"
+        width = shutil.get_terminal_size().columns - 1
+        text = "  ".join(f"{printable(peer)} {share}" for peer, share in self.shares.items())
+        self.out.write("\r\x1b[2K" + text[:width])
         self.out.flush()
         self.live = True
 
@@ -305,26 +319,67 @@ def cmd_peers(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int
     return EXIT_OK
 
 
+def recipients(args: argparse.Namespace) -> Dict[str, Any]:
+    """The request's peers: every one discovery finds (--all), PEER,PEER…, or one PEER."""
+    if args.all:
+        return {"all": True}
+    peers = [peer for peer in args.peer.split(",") if peer]
+    if not peers:
+        raise CliError("name a peer (or several, PEER,PEER…), or give --all", EXIT_USAGE, "usage")
+    return {"peer": peers[0]} if len(peers) == 1 else {"peers": peers}
+
+
+def positional(args: argparse.Namespace, rest: List[str]) -> List[str]:
+    """With --all there is no PEER: what argparse took for one is the first of the rest."""
+    return [args.peer] + rest if args.all else rest
+
+
 def cmd_message(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
-    answer = run_simple(env, "message", peer=args.peer, text=text)
+    given = positional(args, [args.text] if args.text is not None else [])
+    if len(given) != 1:
+        raise CliError("give one message (- reads it from standard input)", EXIT_USAGE, "usage")
+    text = sys.stdin.read() if given[0] == "-" else given[0]
+    *_, last = request(env, "message", text=text, **recipients(args))
+    answer = last[-1]
     if args.json:
         print_json(answer, out)
-    else:
-        out.write(f"delivered to {printable(answer['name'])} ({answer['peer']})\n")
+    results = answer.get("results") or [answer]
+    if not args.json:
+        for result in results:
+            where = f" ({result['peer']})" if result.get("peer") else ""
+            if result.get("ok"):
+                out.write(f"delivered to {printable(result['name'])}{where}\n")
+            elif "results" in answer:
+                out.write(f"{printable(result['peer_given'])}: FAILED {result['code']}: {printable(result['error'])}\n")
+    return worst_exit(answer, shown=args.json)
+
+
+def worst_exit(answer: Dict[str, Any], shown: bool) -> int:
+    """0 if every peer got it; else the worst exit code of those that did not."""
+    results = answer.get("results")
+    if results is None:
+        final(answer, shown)
+        return EXIT_OK
+    codes = [EXIT_BY_CODE.get(str(r.get("code")), EXIT_ERROR) for r in results if not r.get("ok")]
+    if codes:
+        raise CliError(f"{answer.get('code')}: {printable(str(answer.get('error', '')))}", max(codes),
+                       str(answer.get("code")), shown=True)
     return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
+    files = positional(args, args.files)
+    if not files:
+        raise CliError("name the files and folders to send", EXIT_USAGE, "usage")
     paths = []
-    for path in args.files:
+    for path in files:
         if not os.path.lexists(path):
             raise CliError(f"file-error: {printable(path)}: no such file or folder", EXIT_LOCAL_FILE, "file-error")
         paths.append(os.path.abspath(path))
     started: Dict[str, Any] = {}  # the "started" answer: the transfer id, for Ctrl-C
     try:
         retry_for = 0.0 if args.no_retry else args.retry_for
-        answer = show_send(request(env, "send", peer=args.peer, paths=paths, retry_for=retry_for), args, out,
+        answer = show_send(request(env, "send", paths=paths, retry_for=retry_for, **recipients(args)), args, out,
                            started)
     except KeyboardInterrupt:
         # Our connection is closed now, which cancels the transfer; say so
@@ -335,8 +390,7 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
             except CliError:
                 pass  # already gone: cancelled, as asked
         raise CliError("cancelled", EXIT_CANCELLED, "cancelled") from None
-    final(answer, shown=args.json)
-    return EXIT_OK
+    return worst_exit(answer, shown=args.json)
 
 
 def show_send(batches: Iterator[List[Dict[str, Any]]], args: argparse.Namespace, out: TextIO,
@@ -344,44 +398,64 @@ def show_send(batches: Iterator[List[Dict[str, Any]]], args: argparse.Namespace,
     """Print a send's answers as JSON Lines (all of them, as the daemon gives
     them) or for people; return the final one."""
     progress = Progress(out, out.isatty() and not args.json)
-    files = folders = 0
+    counts: Dict[str, int] = {"files": 0, "folders": 0}
     answer: Dict[str, Any] = {}
     for batch in batches:
         for answer in batch:
-            kind = answer.get("event")
-            if kind == "started":
+            if answer.get("event") == "started":
                 started.update(answer)
             if args.json:
                 print_json(answer, out)
-                continue
-            name = printable(str(answer.get("file", "")))
-            if kind == "started":
-                progress.line(f"sending {plural(answer['files'], 'item')} ({human_size(answer['bytes'])}) to "
-                              f"{printable(args.peer)}, transfer {answer['id']}")
-            elif kind == "progress":
-                progress.update(answer)
-            elif kind == "file-done" and answer.get("folder"):
-                folders += 1
-            elif kind == "file-done":
-                files += 1
-                progress.file_done(answer, f"sent {name} ({human_size(answer['size'])})")
-            elif kind == "file-failed":
-                progress.line(f"FAILED {name}: {answer['code']}: {printable(answer['error'])}")
-            elif kind == "skipped":
-                progress.line(f"skipped {printable(answer['path'])}: {answer['reason']}")
-            elif kind == "retrying":
-                progress.line(f"link lost, resuming (attempt {answer['attempt']}): {answer['code']}: "
-                              f"{printable(answer['error'])}")
+            else:
+                show_send_line(answer, args, progress, counts)
         out.flush()  # once per batch received: a line per file, not a write per file
-    if answer.get("ok") and not args.json:
-        seconds = answer.get("seconds", 0)
-        counted = plural(files, "file") + (f" and {plural(folders, 'folder')}" if folders else "")
-        resumed = answer.get("resumed_bytes") or 0
-        saved = f"; resuming saved {human_size(resumed)}" if resumed else ""
-        progress.line(f"{counted}, {human_size(answer['bytes'])} in {duration(seconds)} "
-                      f"({human_rate(answer['bytes'], seconds)}) to {printable(answer.get('name') or answer['peer'])}"
-                      f"{saved}")
+    if not args.json:
+        for result in answer.get("results") or ([answer] if answer.get("ok") else []):
+            progress.line(send_summary(result, counts, several="results" in answer))
     return answer
+
+
+def show_send_line(answer: Dict[str, Any], args: argparse.Namespace, progress: Progress,
+                   counts: Dict[str, int]) -> None:
+    """One line of a send's answer, for people (several peers: each line says which)."""
+    kind = answer.get("event")
+    target = answer.get("peer_given")
+    who = f"{printable(str(target))}: " if target else ""
+    name = printable(str(answer.get("file", "")))
+    if kind == "started":
+        progress.line(f"sending {plural(answer['files'], 'item')} ({human_size(answer['bytes'])}) to "
+                      f"{printable(str(target or args.peer))}, transfer {answer['id']}")
+    elif kind == "progress":
+        progress.update(answer)
+    elif kind == "file-done" and answer.get("folder"):
+        counts["folders"] += 1
+    elif kind == "file-done":
+        counts["files"] += 1
+        progress.file_done(answer, f"{who}sent {name} ({human_size(answer['size'])})")
+    elif kind == "file-failed":
+        progress.line(f"{who}FAILED {name}: {answer['code']}: {printable(answer['error'])}")
+    elif kind == "skipped":
+        progress.line(f"{who}skipped {printable(answer['path'])}: {answer['reason']}")
+    elif kind == "retrying":
+        progress.line(f"{who}link lost, resuming (attempt {answer['attempt']}): {answer['code']}: "
+                      f"{printable(answer['error'])}")
+
+
+def send_summary(result: Dict[str, Any], counts: Dict[str, int], several: bool) -> str:
+    """The last line of a send (one per peer when there are several)."""
+    target = printable(str(result.get("peer_given") or result.get("name") or result.get("peer", "")))
+    if not result.get("ok"):
+        return f"{target}: FAILED {result.get('code')}: {printable(str(result.get('error', '')))}"
+    seconds, size = result.get("seconds", 0), result.get("bytes", 0)
+    counted = plural(counts["files"], "file") + (f" and {plural(counts['folders'], 'folder')}"
+                                                 if counts["folders"] else "")
+    if several:
+        counted = plural(result.get("files", 0), "item")
+    resumed = result.get("resumed_bytes") or 0
+    saved = f"; resuming saved {human_size(resumed)}" if resumed else ""
+    to = printable(str(result.get("name") or result.get("peer")))
+    text = f"{counted}, {human_size(size)} in {duration(seconds)} ({human_rate(size, seconds)}) to {to}{saved}"
+    return f"{target}: {text}" if several else text
 
 
 def print_transfers(transfers: List[Dict[str, Any]], out: TextIO) -> None:
@@ -608,19 +682,25 @@ def add_peer_commands(sub: Any) -> None:
     p = add_command(sub, "send", cmd_send, "send files and folders to a peer and wait until it has verified them",
             "tnet send laptop notes.txt photos/      by name (as `tnet peers` lists it)",
             "tnet send 192.168.1.20 report.pdf       by address",
+            "tnet send laptop,nas photos/            to two peers at once",
+            "tnet send --all slides.pdf              to every peer a discovery finds",
             "tnet send --json laptop big.iso         one JSON object per line: started, progress, file-done, ok",
             more=". A folder arrives as one new folder under the peer's FILE_SAVE_DIR (\"photos (1)\" if "
             "\"photos\" exists); symbolic links inside it are skipped and reported, never followed.")
-    p.add_argument("peer", help="IPv4 address or host name (as `tnet discover` lists it)")
-    p.add_argument("files", nargs="+", metavar="FILE", help="files or folders")
+    p.add_argument("peer", metavar="PEER[,PEER...]", help="IPv4 address or host name (as `tnet discover` lists it), "
+                   "or several, comma-separated: all at once")
+    p.add_argument("files", nargs="*", metavar="FILE", help="files or folders")
+    p.add_argument("--all", action="store_true", help="to every peer a fresh discovery finds (then give no PEER)")
     p.add_argument("--retry-for", type=float, default=120.0, metavar="S",
                    help="when the link breaks, try again (resuming) for up to S seconds (120)")
     p.add_argument("--no-retry", action="store_true", help="fail at once when the link breaks")
     p = add_command(sub, "message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
             "tnet message laptop 'lunch?'",
+            "tnet message --all 'back in 5'",
             "echo 'build done' | tnet message laptop -")
-    p.add_argument("peer", help="IPv4 address or host name")
-    p.add_argument("text", help="the message; - reads it from standard input")
+    p.add_argument("peer", metavar="PEER[,PEER...]", help="IPv4 address or host name, or several, comma-separated")
+    p.add_argument("text", nargs="?", help="the message; - reads it from standard input")
+    p.add_argument("--all", action="store_true", help="to every peer a fresh discovery finds (then give no PEER)")
 
 
 def add_local_commands(sub: Any) -> None:

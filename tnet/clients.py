@@ -143,8 +143,8 @@ class ClientConn(Conn):
 
     def on_closed(self) -> None:
         job, self.job = self.job, None
-        if job is not None and not job.closed:
-            # The one who asked is gone (Ctrl-C): nobody wants this transfer.
+        if job is not None:
+            # The one who asked is gone (Ctrl-C): nobody wants this transfer. (A job that is over ignores it.)
             job.cancel("cancelled", "the local client disconnected")
         observer, self.observer = self.observer, None
         if observer is not None and self.busy:

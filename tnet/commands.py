@@ -23,7 +23,7 @@ from .loop import Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext
 from .recorder import HistoryJob, Recorder
-from .sending import DEFAULT_RETRY_FOR_S, SendJob
+from .sending import DEFAULT_RETRY_FOR_S, FanOut, SendJob
 from .store import Store
 from .util import Config
 from .walk import Walk
@@ -97,24 +97,79 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
 
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     first = proto.Message(services.config.host_name, args["text"])
-    note = services.recorder.outgoing_message(args["peer"], args["text"])
-    client.observer = note.on_answer  # the final answer goes in the history
 
-    def deliver(address: str) -> None:
-        note.address = address
-        open_peer(services, client, address, first)
+    def message_to(peer: str, to: Any) -> Any:
+        noted = Noted(to, services.recorder.outgoing_message(peer, args["text"]))
 
-    services.discovery.resolve(args["peer"], deliver, client.fail)
+        def deliver(address: str) -> None:
+            noted.note.address = address
+            open_peer(services, noted, address, first)
+
+        services.discovery.resolve(peer, deliver, noted.fail)
+        return noted
+
+    to_targets(services, client, args, message_to)
+
+
+class Noted:
+    """A message's client that puts its final answer in the history too."""
+
+    def __init__(self, client: Any, note: Any) -> None:
+        self.client, self.note = client, note
+        self.job: Any = None
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.client.closed)
+
+    def cancel(self, code: str, message: str) -> None:
+        """The client is gone: the message is cancelled, and recorded so."""
+        self.note.on_answer({"ok": False, "code": code, "error": message})
+        if self.job is not None and not self.job.closed:
+            self.job.cancel(code, message)
+
+    def reply(self, obj: Dict[str, Any]) -> None:
+        self.client.reply(obj)
+
+    def finish(self, obj: Dict[str, Any]) -> None:
+        self.note.on_answer(dict(obj, ok=True))
+        self.client.finish(obj)
+
+    def fail(self, code: str, message: str, **extra: Any) -> None:
+        self.note.on_answer(dict(extra, ok=False, code=code, error=message))
+        self.client.fail(code, message, **extra)
 
 
 def cmd_send(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     retry_for = float(args.get("retry_for", DEFAULT_RETRY_FOR_S))
-    job = SendJob(services.peers, services.discovery, client, Walk(args["paths"]), args["peer"], retry_for)
-    client.job = job
-    services.loop.each_turn(job, job.step)
+
+    def send_to(peer: str, to: Any) -> SendJob:
+        job = SendJob(services.peers, services.discovery, to, Walk(args["paths"]), peer, retry_for)
+        services.loop.each_turn(job, job.step)
+        return job
+
+    to_targets(services, client, args, send_to)
 
 
-def open_peer(services: Services, client: ClientConn, address: str, first: Any) -> None:
+def to_targets(services: Services, client: ClientConn, args: Dict[str, Any], start: Callable[[str, Any], Any]) -> None:
+    """Start a job for the one peer asked, or a FanOut for several or all."""
+    if "peer" in args:
+        client.job = start(args["peer"], client)
+        return
+    fan = FanOut(client, start)
+    client.job = fan
+    if "peers" in args:
+        fan.start(list(dict.fromkeys(args["peers"])))
+        return
+
+    def found(peers: Found) -> None:
+        if not client.closed:
+            fan.start(sorted(peers))  # by address: names may be shared
+
+    services.discovery.discover(DEFAULT_DISCOVER_S, found)
+
+
+def open_peer(services: Services, client: Any, address: str, first: Any) -> None:
     """A message to ``address``."""
     if client.closed:
         return

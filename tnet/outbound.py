@@ -445,13 +445,11 @@ class OutboundPeer(PeerConn):
 
     def on_answer(self, event: Any) -> None:
         entries, index = self.entries, self.sender.original(event.index)
-        name = "/".join(entries.parts(index))
+        result = {"file": "/".join(entries.parts(index)), "size": entries.size(index)}
         if isinstance(event, proto.Done):
-            result = {"event": "file-done", "file": name, "size": entries.size(index),
-                      "folder": entries.is_folder(index)}
+            result.update(event="file-done", folder=entries.is_folder(index))
         else:
-            result = {"event": "file-failed", "file": name, "size": entries.size(index), "code": event.code,
-                      "error": event.message}
+            result.update(event="file-failed", code=event.code, error=event.message)
             self.failures += 1
             if self.first_failure is None:
                 self.first_failure = (event.code, event.message)

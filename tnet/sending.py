@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol as proto
 from .discovery import Discovery
@@ -220,3 +220,66 @@ class SendJob:
     def close(self) -> None:
         self.closed = True
         self.ctx.loop.done(self)
+
+
+class FanOut:
+    """One send or message to several peers at once: a job per peer, each
+    answering a ``Recipient`` of ours; one final answer with a result per
+    peer, ok only when every one is. Their files are read about together,
+    so from the page cache once where it holds them."""
+
+    def __init__(self, client: Client, start: Callable[[str, "Recipient"], Any]) -> None:
+        self.client, self.start_one = client, start
+        self.recipients: List[Recipient] = []
+        self.closed = False
+        self.job: Any = None
+
+    def start(self, peers: List[str]) -> None:
+        if not peers:
+            self.client.fail("unknown-peer", "no peer answered the discovery")
+            return
+        self.recipients = [Recipient(self, peer) for peer in peers]
+        for recipient in self.recipients:
+            recipient.job = self.start_one(recipient.target, recipient)
+
+    def settled(self) -> None:
+        if self.closed or any(r.result is None for r in self.recipients):
+            return
+        self.closed = True
+        results = [dict(r.result or {}, peer_given=r.target) for r in self.recipients]
+        failed = [r for r in results if not r["ok"]]
+        if not failed:
+            self.client.finish({"results": results})
+            return
+        listing = "; ".join(f"{r['peer_given']}: {r['code']}: {r['error']}" for r in failed)
+        self.client.fail(failed[0]["code"], f"{len(failed)} of {len(results)} peers failed: {listing}", results=results)
+
+    def cancel(self, code: str, message: str) -> None:
+        self.closed = True
+        for recipient in self.recipients:
+            if recipient.job is not None:
+                recipient.job.cancel(code, message)  # a job already over ignores it
+
+
+class Recipient:
+    """One peer of a FanOut, as the client of that peer's job."""
+
+    def __init__(self, fan: FanOut, target: str) -> None:
+        self.fan, self.target = fan, target
+        self.job: Any = None
+        self.result: Optional[Dict[str, Any]] = None
+
+    @property
+    def closed(self) -> bool:
+        return self.fan.client.closed
+
+    def reply(self, obj: Dict[str, Any]) -> None:
+        self.fan.client.reply(dict(obj, peer_given=self.target))
+
+    def finish(self, obj: Dict[str, Any]) -> None:
+        self.result = dict(obj, ok=True)
+        self.fan.settled()
+
+    def fail(self, code: str, message: str, **extra: Any) -> None:
+        self.result = dict(extra, ok=False, code=code, error=message)
+        self.fan.settled()
