@@ -31,7 +31,7 @@ ALLOWED = {
                  "util", "walk"},
     "daemon": {"protocol", "clients", "commands", "discovery", "inbound", "loop", "outbound", "peers", "store",
                "util"},
-    "history": {"api"},
+    "history": {"api", "util"},
     "__main__": {"cli"},
     "x509": set(),
 }

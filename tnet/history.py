@@ -26,6 +26,7 @@ import tempfile
 from typing import IO, Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .api import encode_line
+from .util import state_dir_path
 
 log = logging.getLogger("tnet")
 
@@ -56,14 +57,8 @@ class HistoryError(Exception):
 
 
 def history_path(env: Mapping[str, str]) -> str:
-    """STATE_DIR/history.jsonl; STATE_DIR defaults to $XDG_STATE_HOME/tnet, else
-    ~/.local/state/tnet (a relative XDG_STATE_HOME is ignored, as the XDG spec says)."""
-    state = env.get("STATE_DIR")
-    if not state:
-        xdg = env.get("XDG_STATE_HOME", "")
-        home = env.get("HOME") or os.path.expanduser("~")
-        state = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "tnet")
-    return os.path.join(state, HISTORY_FILE)
+    """STATE_DIR/history.jsonl (STATE_DIR as ``util.state_dir_path`` finds it)."""
+    return os.path.join(state_dir_path(env), HISTORY_FILE)
 
 
 # --- Entries --------------------------------------------------------------------

@@ -36,6 +36,14 @@ ASK_TIMEOUT            120                         seconds an offer waits in ask
 ALLOW_FROM             (everyone)                  comma-separated IPv4 addresses or networks
                                                    whose offers and messages are taken
 LOG_LEVEL              info                        debug, info, warning or error
+STATE_DIR              $XDG_STATE_HOME/tnet, else  what must outlive the daemon: the history,
+                       ~/.local/state/tnet         the LocalSend certificate, key, fingerprint
+LOCALSEND              0                           1: be a LocalSend v2 peer too (phones)
+LOCALSEND_PORT         53317                       its TCP port (HTTP or HTTPS) and UDP port
+                                                   (multicast group 224.0.0.167)
+LOCALSEND_ALIAS        HOST_NAME                   the name LocalSend devices show
+LOCALSEND_HTTPS        1                           0: plain HTTP instead of HTTPS
+LOCALSEND_PIN          (none)                      a PIN LocalSend senders must give
 =====================  ==========================  ==========================================
 """
 
@@ -44,18 +52,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Mapping, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 DEFAULT_EVENT_SOCKET = "./run/tnet/events"
 DEFAULT_COMMAND_SOCKET = "./run/tnet/commands"
 DEFAULT_BROADCAST_PORT = 0xC0DE
 DEFAULT_RECEIVE_PORT = 0xC00D
 MAX_TIMEOUT_S = 24 * 3600.0  # a longer timeout is a typo
+DEFAULT_LOCALSEND_PORT = 53317  # LocalSend's own default: phones look there first
+MAX_ALIAS_BYTES = 128  # a LocalSend alias (localsend.MAX_ALIAS_BYTES); util imports nothing from tnet
+MAX_PIN_BYTES = 64  # the apps offer a few digits; a longer PIN is a paste gone wrong
 LIMITED_BROADCAST = "255.255.255.255"
 
 
@@ -84,6 +96,17 @@ class Config:
     ask_timeout: float = 120.0
     allow_from: Tuple[ipaddress.IPv4Network, ...] = ()
     log_level: str = "info"
+    state_dir: str = field(default_factory=lambda: state_dir_path(os.environ))
+    localsend: bool = False
+    localsend_port: int = DEFAULT_LOCALSEND_PORT
+    localsend_alias: str = ""  # "": HOST_NAME (``alias``)
+    localsend_https: bool = True
+    localsend_pin: Optional[str] = None
+
+    @property
+    def alias(self) -> str:
+        """The name LocalSend devices show for this daemon."""
+        return self.localsend_alias or self.host_name
 
     def allows(self, address: str) -> bool:
         """Whether ALLOW_FROM lets ``address`` send offers and messages."""
@@ -169,6 +192,28 @@ def system_temp_dir() -> str:
     return tempfile.gettempdir()
 
 
+def state_dir_path(env: Mapping[str, str]) -> str:
+    """STATE_DIR; by default $XDG_STATE_HOME/tnet, else ~/.local/state/tnet (a
+    relative XDG_STATE_HOME is ignored, as the XDG spec says)."""
+    state = env.get("STATE_DIR")
+    if state:
+        return state
+    xdg = env.get("XDG_STATE_HOME", "")
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "tnet")
+
+
+def parse_text(name: str, text: str, limit: int) -> str:
+    """A display string or secret: printable, 1 to ``limit`` bytes of UTF-8."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if not text.isprintable() or not 0 < size <= limit:
+        raise ConfigError(f"{name}={text!r}: printable, 1 to {limit} bytes")
+    return text
+
+
 def command_socket_path(env: Mapping[str, str]) -> str:
     return env.get("COMMAND_SOCKET") or env.get("COMMAND_SOKET") or DEFAULT_COMMAND_SOCKET
 
@@ -198,6 +243,11 @@ def load_config(env: Mapping[str, str]) -> Config:
         "ASK_TIMEOUT": ("ask_timeout", parse_seconds),
         "ALLOW_FROM": ("allow_from", parse_network_list),
         "LOG_LEVEL": ("log_level", lambda n, t: parse_choice(n, t, ("debug", "info", "warning", "error"))),
+        "LOCALSEND": ("localsend", parse_bool),
+        "LOCALSEND_PORT": ("localsend_port", parse_port),
+        "LOCALSEND_ALIAS": ("localsend_alias", lambda n, t: parse_text(n, t, MAX_ALIAS_BYTES)),
+        "LOCALSEND_HTTPS": ("localsend_https", parse_bool),
+        "LOCALSEND_PIN": ("localsend_pin", lambda n, t: parse_text(n, t, MAX_PIN_BYTES)),
     }
     for var, (attr, parse) in parsers.items():
         text = env.get(var)
@@ -206,6 +256,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     for var, attr in (("FILE_SAVE_DIR", "save_dir"), ("TEMP_DIR", "temp_dir"), ("HOST_NAME", "host_name")):
         if env.get(var):
             values[attr] = env[var]
+    values["state_dir"] = state_dir_path(env)
     config = Config(**values)
     if not config.host_name.isprintable() or len(config.host_name.encode("utf-8", "replace")) > 64:
         raise ConfigError(f"HOST_NAME={config.host_name!r}: printable, at most 64 bytes")
