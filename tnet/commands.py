@@ -9,6 +9,7 @@ send's folders a slice per turn of the loop before the offer goes out.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -19,6 +20,8 @@ from .clients import ClientConn, Events
 from .discovery import DEFAULT_DISCOVER_S, Discovery, Found, PeerRecord
 from .inbound import InboundPeer
 from .loop import Loop
+from .lsdoor import LocalSend
+from .lsreceive import LsReceive
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext
 from .store import Store
@@ -36,6 +39,7 @@ class Services:
     discovery: Discovery
     events: Events
     store: Store
+    localsend: Optional[LocalSend] = None  # LOCALSEND=1
 
     @property
     def transfers(self) -> Dict[str, PeerConn]:
@@ -66,17 +70,36 @@ def cmd_status(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
         "transfers": [conn.describe() for conn in services.transfers.values()],
         "peers": len(services.discovery.directory.records),
         "subscribers": len(services.events.subscribers),
+        **localsend_status(services),
     })
+
+
+def localsend_status(services: Services) -> Dict[str, Any]:
+    return {} if services.localsend is None else {"localsend": services.localsend.status()}
 
 
 def peer_list(records: Any) -> List[Dict[str, Any]]:
     return [{"name": r.name, "address": r.address} for r in sorted(records, key=lambda r: (r.name, r.address))]
 
 
+def with_localsend(services: Services, peers: List[Dict[str, Any]], since: float) -> List[Dict[str, Any]]:
+    """LOCALSEND=1: tnet daemons marked as such, then the LocalSend devices seen since ``since``."""
+    if services.localsend is None:
+        return peers
+    now = services.loop.clock()
+    devices = [dict(d.as_peer(), seen_s_ago=round(now - d.last_seen, 1)) for d in services.localsend.devices(since)]
+    return [dict(p, kind="tnet") for p in peers] + devices
+
+
 def cmd_discover(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
+    started = services.loop.clock()
+    if services.localsend is not None:
+        services.localsend.announce()
+
     def done(found: Found) -> None:
         if not client.closed:
-            client.finish({"peers": peer_list(found.values())})
+            peers = with_localsend(services, peer_list(found.values()), started)
+            client.finish({"peers": [{k: v for k, v in p.items() if k != "seen_s_ago"} for p in peers]})
 
     services.discovery.discover(float(args.get("timeout", DEFAULT_DISCOVER_S)), done)
 
@@ -87,7 +110,7 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
     peers = peer_list(records.values())
     for item in peers:
         item["seen_s_ago"] = round(now - records[item["address"]].last_seen, 1)
-    client.finish({"peers": peers})
+    client.finish({"peers": with_localsend(services, peers, -math.inf)})
 
 
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
@@ -195,7 +218,7 @@ def cmd_cancel(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
 def cmd_decide(accepted: bool) -> Handler:
     def handler(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
         conn = transfer_by_id(services, args["id"])
-        if not isinstance(conn, InboundPeer) or not conn.awaiting_decision:
+        if not isinstance(conn, (InboundPeer, LsReceive)) or not conn.awaiting_decision:
             raise proto.LocalProtocolError("not-waiting", f"transfer {args['id']} is not waiting for a decision")
         conn.decide(accepted)
         client.finish({"id": args["id"]})

@@ -34,6 +34,7 @@ from .commands import Services, dispatcher
 from .discovery import Discovery
 from .inbound import InboundPeer
 from .loop import Listener, Loop
+from .lsdoor import LocalSend, StartError
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .store import Store, StoreError, remove_quietly
@@ -68,8 +69,9 @@ class Daemon:
                                  learn=self.learn, new_transfer_id=lambda: str(next(self.transfer_ids)))
         self.discovery = Discovery(self.loop, config, nonce, self.answer,
                                    lambda: len(self.peers.registry.answering))
+        self.localsend = LocalSend(self.peers) if config.localsend else None
         self.services = Services(config=config, loop=self.loop, peers=self.peers, discovery=self.discovery,
-                                 events=self.events, store=self.store)
+                                 events=self.events, store=self.store, localsend=self.localsend)
         self.dispatch = dispatcher(self.services)
         self.listeners: List[Listener] = []
         self.socket_paths: List[str] = []
@@ -86,7 +88,8 @@ class Daemon:
             self.store.open(time.time())
         except StoreError as exc:
             raise StartupError(str(exc)) from None
-        ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections + 64)
+        pools = 2 if cfg.localsend else 1  # the LocalSend door counts its connections apart
+        ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections * pools + 64)
         if self.store.other_file_system():
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
                         "copied once more after it is verified, and needs room in both until then; "
@@ -97,6 +100,7 @@ class Daemon:
         except StartupError:
             tcp.close()
             raise
+        more = self.open_localsend(tcp, udp)
         self.discovery.port = tcp.getsockname()[1]
         command = self.open_unix("COMMAND_SOCKET", cfg.command_socket)
         events = self.open_unix("EVENT_SOCKET", cfg.event_socket)
@@ -107,9 +111,38 @@ class Daemon:
             listener = Listener(self.loop, sock, callback)
             self.listeners.append(listener)
             listener.listen()
+        self.listen_localsend(more)
         log.info("tnet %s: %s on %s:%d, discovery on port %d to %s, saving to %s", __version__,
                  cfg.host_name, cfg.bind_address, cfg.receive_port, cfg.broadcast_port,
                  ",".join(self.discovery.broadcasts), self.store.save_dir)
+
+    def open_localsend(self, tcp: socket.socket, udp: socket.socket) -> List[socket.socket]:
+        """LOCALSEND=1: its identity and sockets (TCP, UDP), or StartupError (``tcp`` and ``udp`` closed)."""
+        if self.localsend is None:
+            return []
+        try:
+            return list(self.localsend.open(time.time()))
+        except StartError as exc:
+            tcp.close()
+            udp.close()
+            raise StartupError(str(exc)) from None
+
+    def listen_localsend(self, socks: List[socket.socket]) -> None:
+        if self.localsend is None or not socks:
+            return
+        localsend, (tcp, udp) = self.localsend, socks
+        for sock, callback in ((tcp, lambda: self.on_localsend_accept(tcp)),
+                               (udp, lambda: localsend.on_datagrams(udp))):
+            sock.setblocking(False)
+            listener = Listener(self.loop, sock, callback)
+            self.listeners.append(listener)
+            listener.listen()
+        localsend.start()
+
+    def on_localsend_accept(self, listener: socket.socket) -> None:
+        sock, addr = self.accept(listener)
+        if sock is not None and self.localsend is not None:
+            self.localsend.take(sock, addr[0])
 
     def open_tcp(self) -> socket.socket:
         cfg = self.config
@@ -171,6 +204,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Fail open transfers cleanly, tell peers and clients, remove the socket files."""
+        if self.localsend is not None:
+            self.localsend.close()  # its transfers fail with "shutdown", published below
         for item in self.loop.handlers():
             self.loop.guarded(item, functools.partial(self.say_goodbye, item))
         self.events.flush_all()
