@@ -145,6 +145,7 @@ class Daemon:
             "COMMAND_SOCKET": os.path.join(sockdir, name, "commands"),
             "EVENT_SOCKET": os.path.join(sockdir, name, "events"),
             "LOG_LEVEL": "debug",
+            "STATE_DIR": str(self.dir / "state"),  # never the real home's
         })
         self.env.update(env or {})
         self.log_path = self.dir / "daemon.log"
