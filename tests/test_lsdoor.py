@@ -78,7 +78,7 @@ def test_files_land_with_tnet_events_over_one_kept_alive_connection(ls_net, http
     s = sender(d)
     status, answer = s.prepare({f"f{n}": entry(f"f{n}", name, data) for n, (name, data) in enumerate(files)})
     assert status == 200 and set(answer["files"]) == {"f0", "f1", "f2"}
-    for n, (name, data) in enumerate(files):
+    for n, (_, data) in enumerate(files):
         status, body = s.upload(answer["sessionId"], f"f{n}", answer["files"][f"f{n}"], data, chunked=n == 1)
         assert (status, body) == (200, b"")
     assert (d.downloads / "big.bin").read_bytes() == big

@@ -34,7 +34,7 @@ from .commands import Services, dispatcher
 from .discovery import Discovery
 from .inbound import InboundPeer
 from .loop import Listener, Loop
-from .lsdoor import LocalSend, StartError
+from .lsdoor import ACCEPTS_PER_WAKE, LocalSend, StartError
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .store import Store, StoreError, remove_quietly
@@ -140,8 +140,10 @@ class Daemon:
         localsend.start()
 
     def on_localsend_accept(self, listener: socket.socket) -> None:
-        sock, addr = self.accept(listener)
-        if sock is not None and self.localsend is not None:
+        for _ in range(ACCEPTS_PER_WAKE):
+            sock, addr = self.accept(listener)
+            if sock is None or self.localsend is None:
+                return
             self.localsend.take(sock, addr[0])
 
     def open_tcp(self) -> socket.socket:

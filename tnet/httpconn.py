@@ -33,6 +33,7 @@ from .tls import TlsClosed, TlsPipe
 
 RECV_BYTES = 1024 * 1024  # one read of an upload's body; the buffers below are reused for every read
 LINGER_S = 2.0  # after a last answer, how long the peer has to read it before we close
+TLS_RECORD_BYTES = 16 * 1024 + 256  # the most one record decrypts to, with room to spare
 MAX_LINGER_READS = 64  # reads dropped per turn while lingering: a peer still pushing a body costs a bounded amount
 
 
@@ -113,23 +114,35 @@ class HttpConn(Conn):
                         self.close()  # gone mid-handshake
                     return
                 self.on_secure()
-            plain = self.buffers.plain
-            while not self.closed and not self.lingering:
-                got = tls.read_into(plain)
-                if not got:
-                    break
-                self.feed(plain[:got])
-        except TlsClosed:
-            if not self.closed and not self.lingering:
-                self.feed_eof()
+            ended = self.read_plain(tls)
         except ssl.SSLError as exc:
             self.send_cipher()  # the alert saying why
             self.on_tls_error(exc)
             return
         if not self.closed:
             self.send_cipher()
-            if not n and not self.lingering:
+            if (ended or not n) and not self.lingering:
                 self.feed_eof()
+
+    def read_plain(self, tls: TlsPipe) -> bool:
+        """Decrypt what arrived, feeding the parser a buffer at a time rather
+        than a TLS record (16 KiB) at a time; True if the peer ended TLS."""
+        plain = self.buffers.plain
+        filled, ended = 0, False
+        while not self.closed and not self.lingering:
+            try:
+                got = tls.read_into(plain[filled:])
+            except TlsClosed:
+                got, ended = 0, True
+            filled += got
+            if got and len(plain) - filled >= TLS_RECORD_BYTES:
+                continue
+            if filled:
+                self.feed(plain[:filled])
+                filled = 0
+            if not got:
+                break
+        return ended and not self.closed
 
     def feed(self, data: memoryview) -> None:
         self.on_received(len(data))

@@ -48,7 +48,8 @@ from .tls import TlsPipe
 
 log = logging.getLogger("tnet")
 
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 1024  # a burst of connections (a phone's parallel uploads, a flood) waits, not retried 1 s later
+ACCEPTS_PER_WAKE = 64  # connections taken per turn of the loop; then the others have their turn
 OUTBOUND_SHARE = 4  # as daemon.py: a quarter of MAX_CONNECTIONS is not taken from others
 MAX_BUFFERED_JSON_BYTES = 16 * 1024 * 1024  # request bodies held at once, all connections: two maximal offers
 DEVICE_MODEL = "tnet"  # what LocalSend apps show under our alias
@@ -128,6 +129,8 @@ class DoorConn(HttpConn):
             self.accept(route[2])
 
     def accept(self, limit: int) -> None:
+        if self.request is not None and (self.request.header("expect") or "").lower() == "100-continue":
+            self.send_plain(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it before a large body
         try:
             events = self.http.accept_body(limit)
         except http.HttpError as exc:
