@@ -22,8 +22,10 @@ import pytest
 from conftest import free_udp_port, wait_until
 from lsclient import INFO, Sender, entry, raw, read_response
 
+from tnet import http, tls, x509
 from tnet import localsend as ls
-from tnet import tls, x509
+from tnet.httpconn import Buffers, Call, HttpClient, Reply
+from tnet.loop import Loop
 
 
 @pytest.fixture(scope="session")
@@ -443,3 +445,31 @@ def test_two_daemons_find_each_other_by_multicast_on_loopback_only(ls_net):
         elif ls.MULTICAST_GROUP in line:
             joined.add(interface)
     assert joined == {"lo"}, memberships
+
+
+def test_our_register_call_pins_the_servers_fingerprint(ls_net, identity, tmp_path):
+    d = ls_net("alpha", https=True)
+    state = tmp_path / "client-state"
+    state.mkdir(mode=0o700)
+    for file, text in ((tls.KEY_FILE, identity.key_pem), (tls.CERT_FILE, identity.cert_pem)):
+        fd = os.open(state / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, text.encode())
+        os.close(fd)
+    context = tls.client_context(tls.load_identity(str(state), True, time.time()))
+    loop = Loop(time.monotonic)
+    replies: List[Reply] = []
+    for alias, pinned in (("caller", identity.fingerprint), ("intruder", "0" * 64)):
+        me = ls.DeviceInfo(alias=alias, fingerprint=alias.upper())
+        request = http.encode_request("POST", ls.REGISTER_PATH, {"Host": "x"}, ls.encode_register(me))
+        client = HttpClient(loop, Buffers(), Call(d.address, d.ls_port, request, tls=context, pinned=pinned),
+                            replies.append)
+        client.connect("127.0.0.1")
+        deadline = time.monotonic() + 20
+        while len(replies) < 2 - (pinned == identity.fingerprint) and time.monotonic() < deadline:
+            loop.run_once(at_most=0.1)
+    loop.close()
+    assert replies[0].status == 200 and ls.decode_register(replies[0].body, need_port=False).alias == "alpha"
+    assert replies[0].fingerprint == identity.fingerprint
+    assert (replies[1].status, replies[1].code) == (0, "fingerprint-mismatch")
+    peers = d.request("peers")[-1]["peers"]
+    assert [p["name"] for p in peers] == ["caller"]  # the pinned call got through; the other sent nothing

@@ -264,8 +264,8 @@ class TlsPipe:
             raise TlsClosed(True) from None
         except ssl.SSLEOFError:
             raise TlsClosed(False) from None
-        if n == 0:
-            raise TlsClosed(False)
+        if n == 0:  # the peer's close_notify (ssl reports it so, not as SSLZeroReturnError)
+            raise TlsClosed(True)
         return int(n)  # type: ignore[arg-type]  # with a buffer, read returns a count
 
     def write(self, data: Union[bytes, memoryview]) -> None:
