@@ -34,7 +34,7 @@ from .commands import Services, dispatcher
 from .discovery import Discovery
 from .inbound import InboundPeer
 from .loop import Listener, Loop
-from .lsdoor import ACCEPTS_PER_WAKE, LocalSend, StartError
+from .lsdoor import LocalSend, StartError
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .store import Store, StoreError, remove_quietly
@@ -106,45 +106,31 @@ class Daemon:
         events = self.open_unix("EVENT_SOCKET", cfg.event_socket)
         for sock, callback in ((tcp, lambda: self.on_tcp_accept(tcp)), (udp, lambda: self.discovery.on_datagrams(udp)),
                                (command, lambda: self.on_command_accept(command)),
-                               (events, lambda: self.on_event_accept(events))):
+                               (events, lambda: self.on_event_accept(events))) + more:
             sock.setblocking(False)
             listener = Listener(self.loop, sock, callback)
             self.listeners.append(listener)
             listener.listen()
-        self.listen_localsend(more)
+        if self.localsend is not None:
+            self.localsend.start()
         log.info("tnet %s: %s on %s:%d, discovery on port %d to %s, saving to %s", __version__,
                  cfg.host_name, cfg.bind_address, cfg.receive_port, cfg.broadcast_port,
                  ",".join(self.discovery.broadcasts), self.store.save_dir)
 
-    def open_localsend(self, tcp: socket.socket, udp: socket.socket) -> List[socket.socket]:
-        """LOCALSEND=1: its identity and sockets (TCP, UDP), or StartupError (``tcp`` and ``udp`` closed)."""
-        if self.localsend is None:
-            return []
+    def open_localsend(self, tcp: socket.socket, udp: socket.socket) -> Tuple[Tuple[socket.socket, Callable], ...]:
+        """LOCALSEND=1: its sockets, each with what to do when it is readable;
+        StartupError (``tcp`` and ``udp`` closed) if it cannot start."""
+        localsend = self.localsend
+        if localsend is None:
+            return ()
         try:
-            return list(self.localsend.open(time.time()))
+            ls_tcp, ls_udp = localsend.open(time.time())
         except StartError as exc:
             tcp.close()
             udp.close()
             raise StartupError(str(exc)) from None
-
-    def listen_localsend(self, socks: List[socket.socket]) -> None:
-        if self.localsend is None or not socks:
-            return
-        localsend, (tcp, udp) = self.localsend, socks
-        for sock, callback in ((tcp, lambda: self.on_localsend_accept(tcp)),
-                               (udp, lambda: localsend.on_datagrams(udp))):
-            sock.setblocking(False)
-            listener = Listener(self.loop, sock, callback)
-            self.listeners.append(listener)
-            listener.listen()
-        localsend.start()
-
-    def on_localsend_accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_WAKE):
-            sock, addr = self.accept(listener)
-            if sock is None or self.localsend is None:
-                return
-            self.localsend.take(sock, addr[0])
+        return (ls_tcp, lambda: localsend.on_listener(ls_tcp, self.accept)), (ls_udp,
+                                                                              lambda: localsend.on_datagrams(ls_udp))
 
     def open_tcp(self) -> socket.socket:
         cfg = self.config

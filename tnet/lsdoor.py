@@ -519,8 +519,8 @@ class Door:
 
 class LocalSend:
     """The daemon's LocalSend peer (LOCALSEND=1). Methods for the daemon:
-    ``open`` (the identity and both sockets), ``start``, ``take`` (a new
-    connection), ``on_datagrams``, ``close``; for commands: ``announce``,
+    ``open`` (the identity and both sockets), ``start``, ``on_listener``
+    (new connections), ``on_datagrams``, ``close``; for commands: ``announce``,
     ``devices``, ``status``."""
 
     def __init__(self, ctx: PeerContext) -> None:
@@ -572,9 +572,15 @@ class LocalSend:
         log.info("LocalSend: %s on %s:%d (%s), fingerprint %s", self.config.alias, self.config.bind_address,
                  self.config.localsend_port, "https" if self.identity.https else "http", self.identity.fingerprint)
 
-    def take(self, sock: socket.socket, address: str) -> None:
+    def on_listener(self, listener: socket.socket, accept: Callable[[socket.socket], Tuple[Any, Any]]) -> None:
+        """The listener is readable: take up to ACCEPTS_PER_WAKE connections
+        (``accept`` is the daemon's, which rests the listener when descriptors run out)."""
         assert self.door is not None
-        self.door.take(sock, address)
+        for _ in range(ACCEPTS_PER_WAKE):
+            sock, addr = accept(listener)
+            if sock is None:
+                return
+            self.door.take(sock, addr[0])
 
     def on_datagrams(self, udp: socket.socket) -> None:
         assert self.finder is not None

@@ -7,8 +7,9 @@ it holds the request while ACCEPT=ask waits (ASK_TIMEOUT), then the
 ``localsend.Session`` that says which uploads to take, and publishes the
 same events as a tnet batch. It is a timer item of the loop: a session in
 which nothing moved for IDLE_TIMEOUT fails (``timeout``), and every file
-still pending with it. ``Upload`` is one file's body on its way: a temp
-file hashed while written, then checked and placed by the store.
+still pending with it (``Receiving``, its base, holds what it shows and
+reports). ``Upload`` is one file's body on its way: a temp file hashed
+while written, then checked and placed by the store.
 
 The HTTP side (statuses, connections) is the front door's, ``lsdoor``;
 nothing here reads a socket.
@@ -74,29 +75,19 @@ class Upload:
             self.temp = None
 
 
-class LsReceive:
-    """One LocalSend sender's prepare-upload, from the offer to its last file."""
+class Receiving:
+    """What a LocalSend transfer shows and reports: its counts, ``describe``,
+    progress, file-failed events, and the idle deadline that MIN_PROGRESS_BYTES
+    push back. ``LsReceive`` is the one kind."""
 
-    kind = "localsend"
-
-    def __init__(self, ctx: PeerContext, sessions: ls.Sessions, address: str, offer: ls.PrepareUpload,
-                 answer: Answer, on_over: Callable[["LsReceive"], None]) -> None:
+    def __init__(self, ctx: PeerContext, address: str, offer: ls.PrepareUpload) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
-        self.sessions = sessions
         self.address = address
         self.offer = offer
-        self.answer: Optional[Answer] = answer  # while the prepare-upload waits for its answer
-        self.on_over = on_over
         self.id = ""
-        self.session: Optional[ls.Session] = None
-        self.batch = ctx.store.new_batch()
-        self.awaiting_decision = False
-        self.result: Optional[Tuple[str, str]] = None
-        self.failures: Dict[str, Tuple[str, str]] = {}  # file id -> the last (code, message) it failed with
         self.first_failure: Optional[Tuple[str, str]] = None
         self.reported: Set[str] = set()  # file ids that had their file-done or file-failed event
-        self.uploads: Set[Upload] = set()
         self.files_saved = 0
         self.total = sum(f.size for f in offer.files)
         self.bytes_moved = 0
@@ -118,6 +109,73 @@ class LsReceive:
     def set_deadline(self, when: float) -> None:
         self.deadline = when
         self.loop.schedule(self)
+
+    def on_deadline(self) -> None:
+        raise NotImplementedError  # the kind's: what an idle deadline means to it
+
+    def touch(self, moved: int = MIN_PROGRESS_BYTES) -> None:
+        """Each MIN_PROGRESS_BYTES moved push the idle deadline back, as for a tnet peer."""
+        self.moved_since_touch += moved
+        if self.moved_since_touch >= MIN_PROGRESS_BYTES:
+            self.moved_since_touch = 0
+            self.set_deadline(self.loop.clock() + self.ctx.config.idle_timeout)
+
+    def describe(self) -> Dict[str, Any]:
+        """What `tnet transfers` shows of it (§6.1)."""
+        current = self.current
+        return {
+            "id": self.id,
+            "direction": "in",
+            "peer": self.address,
+            "name": self.offer.info.alias,
+            "file": current.name if current else "",
+            "bytes": self.bytes_moved,
+            "size": self.total,
+            "file_bytes": current.received if current else 0,
+            "file_size": current.offer.size if current else 0,
+            "seconds": round(self.loop.clock() - self.started, 3),
+        }
+
+    def report_progress(self, force: bool = False) -> None:
+        if not self.ctx.config.report_progress_in:
+            return
+        now = self.loop.clock()
+        if force or now - self.progress_at >= PROGRESS_INTERVAL_S:
+            self.progress_at = now
+            self.ctx.publish(api.progress_event(self.describe()))
+
+    def file_failed_event(self, file_id: str, code: str, message: str) -> None:
+        self.reported.add(file_id)
+        if self.first_failure is None:
+            self.first_failure = (code, message)
+        name = self.file_name(file_id)
+        log.warning("from %s: %s: %s: %s", self.address, name, code, printable(message))
+        self.ctx.publish(api.file_failed_event(self.describe(), name, code, message))
+
+    def file_name(self, file_id: str) -> str:
+        for offer in self.offer.files:
+            if offer.id == file_id:
+                return "/".join(offer.path)
+        return file_id  # a refused name is not repeated: it may be anything
+
+
+class LsReceive(Receiving):
+    """One LocalSend sender's prepare-upload, from the offer to its last file."""
+
+    kind = "localsend"
+
+    def __init__(self, ctx: PeerContext, sessions: ls.Sessions, address: str, offer: ls.PrepareUpload,
+                 answer: Answer, on_over: Callable[["LsReceive"], None]) -> None:
+        super().__init__(ctx, address, offer)
+        self.sessions = sessions
+        self.answer: Optional[Answer] = answer  # while the prepare-upload waits for its answer
+        self.on_over = on_over
+        self.session: Optional[ls.Session] = None
+        self.batch = ctx.store.new_batch()
+        self.awaiting_decision = False
+        self.result: Optional[Tuple[str, str]] = None
+        self.failures: Dict[str, Tuple[str, str]] = {}  # file id -> the last (code, message) it failed with
+        self.uploads: Set[Upload] = set()
 
     # -- the offer
 
@@ -277,20 +335,6 @@ class LsReceive:
                     self.file_failed_event(file_id, *(earlier or (code, message)))
         self.conclude(code, message)
 
-    def file_failed_event(self, file_id: str, code: str, message: str) -> None:
-        self.reported.add(file_id)
-        if self.first_failure is None:
-            self.first_failure = (code, message)
-        name = self.file_name(file_id)
-        log.warning("from %s: %s: %s: %s", self.address, name, code, printable(message))
-        self.ctx.publish(api.file_failed_event(self.describe(), name, code, message))
-
-    def file_name(self, file_id: str) -> str:
-        for offer in self.offer.files:
-            if offer.id == file_id:
-                return "/".join(offer.path)
-        return file_id  # a refused name is not repeated: it may be anything
-
     def conclude(self, code: str, message: str) -> None:
         if self.result is not None:
             return
@@ -323,40 +367,6 @@ class LsReceive:
 
     def on_internal_error(self) -> None:
         self.fail("internal-error", "internal error; see the daemon log")
-
-    # -- for people
-
-    def touch(self, moved: int = MIN_PROGRESS_BYTES) -> None:
-        """Each MIN_PROGRESS_BYTES moved push the idle deadline back, as for a tnet peer."""
-        self.moved_since_touch += moved
-        if self.moved_since_touch >= MIN_PROGRESS_BYTES:
-            self.moved_since_touch = 0
-            self.set_deadline(self.loop.clock() + self.ctx.config.idle_timeout)
-
-    def describe(self) -> Dict[str, Any]:
-        """What `tnet transfers` shows of it (§6.1)."""
-        current = self.current
-        return {
-            "id": self.id,
-            "direction": "in",
-            "peer": self.address,
-            "name": self.offer.info.alias,
-            "file": current.name if current else "",
-            "bytes": self.bytes_moved,
-            "size": self.total,
-            "file_bytes": current.received if current else 0,
-            "file_size": current.offer.size if current else 0,
-            "seconds": round(self.loop.clock() - self.started, 3),
-        }
-
-    def report_progress(self, force: bool = False) -> None:
-        if not self.ctx.config.report_progress_in:
-            return
-        now = self.loop.clock()
-        if force or now - self.progress_at >= PROGRESS_INTERVAL_S:
-            self.progress_at = now
-            self.ctx.publish(api.progress_event(self.describe()))
-
 
 def error_body(message: str) -> bytes:
     """A JSON body saying why, as the official app's errors carry one."""
