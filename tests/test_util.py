@@ -126,3 +126,12 @@ def test_state_dir_follows_state_dir_then_xdg_state_home_then_home():
     assert util.state_dir_path({"STATE_DIR": "/s", "XDG_STATE_HOME": "/x"}) == "/s"
     assert util.state_dir_path({"XDG_STATE_HOME": "/x", "HOME": "/h"}) == "/x/tnet"
     assert util.state_dir_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/tnet"
+
+
+def test_every_localsend_variable_is_in_both_tables():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for var in ("STATE_DIR", "LOCALSEND", "LOCALSEND_PORT", "LOCALSEND_ALIAS", "LOCALSEND_HTTPS", "LOCALSEND_PIN"):
+        assert f"| `{var}` |" in readme, var
+        assert f"\n{var} " in util.__doc__, var
