@@ -473,3 +473,39 @@ def test_our_register_call_pins_the_servers_fingerprint(ls_net, identity, tmp_pa
     assert (replies[1].status, replies[1].code) == (0, "fingerprint-mismatch")
     peers = d.request("peers")[-1]["peers"]
     assert [p["name"] for p in peers] == ["caller"]  # the pinned call got through; the other sent nothing
+
+
+@pytest.fixture(name="tmpfs")
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs for FILE_SAVE_DIR, unmounted after the test even on failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the other-file-system tests need root in CI (to mount a tmpfs)")
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tnet-test", str(mount)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {out.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_from_another_file_system_files_are_copied_into_place_and_space_is_checked_first(ls_net, tmpfs):
+    d = ls_net("alpha", https=False, FILE_SAVE_DIR=str(tmpfs / "Downloads"))
+    assert os.stat(d.temp).st_dev != os.stat(tmpfs).st_dev
+    events = d.events()
+    data = os.urandom(3 * 1024 * 1024)
+    assert sender(d).send([("photos/big.bin", data), ("small.txt", b"s")]) == {"photos/big.bin": 200,
+                                                                                "small.txt": 200}
+    assert (tmpfs / "Downloads" / "photos" / "big.bin").read_bytes() == data
+    assert sorted(os.listdir(tmpfs / "Downloads")) == ["photos", "small.txt"]  # no work folder left there
+    events.wait_for(lambda e: e["event"] == "transfer-done")
+    status, answer = sender(d).prepare({"a": entry("a", "too-big.bin", b"", size=20 * 1024 * 1024)})
+    assert status == 507 and "not enough space" in answer["message"]
+    nothing_left(d)

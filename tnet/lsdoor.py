@@ -203,7 +203,9 @@ class DoorConn(HttpConn):
     # -- how it ends
 
     def on_received(self, count: int) -> None:
-        if self.phase is Phase.BODY:
+        # Only a file's bytes push the deadline back: a JSON body, at most a few MiB,
+        # comes whole within IDLE_TIMEOUT, so a trickled one cannot hold its memory long.
+        if self.phase is Phase.BODY and self.upload is not None:
             self.moved += count
             if self.moved >= MIN_PROGRESS_BYTES:
                 self.moved = 0
@@ -247,6 +249,7 @@ class DoorConn(HttpConn):
 
     def on_closed(self) -> None:
         self.door.untrack(self)
+        self.loop.done(self)  # a copy into place, if one was under way
         self.release_body()
         if self.upload is not None:
             self.fail_upload("peer-gone", f"{self.address} closed the connection mid-file")
