@@ -23,7 +23,7 @@ from .loop import Loop
 from .lsdoor import LocalSend
 from .lsreceive import LsReceive
 from .outbound import OutboundPeer
-from .peers import PeerConn, PeerContext
+from .peers import PeerContext, Transfer
 from .store import Store
 from .util import Config
 from .walk import Entries, Walk
@@ -42,7 +42,7 @@ class Services:
     localsend: Optional[LocalSend] = None  # LOCALSEND=1
 
     @property
-    def transfers(self) -> Dict[str, PeerConn]:
+    def transfers(self) -> Dict[str, Transfer]:
         return self.peers.registry.transfers
 
 
@@ -203,7 +203,7 @@ def cmd_transfers(services: Services, client: ClientConn, args: Dict[str, Any]) 
     client.finish({"transfers": [conn.describe() for conn in services.transfers.values()]})
 
 
-def transfer_by_id(services: Services, transfer_id: str) -> PeerConn:
+def transfer_by_id(services: Services, transfer_id: str) -> Transfer:
     conn = services.transfers.get(transfer_id)
     if conn is None:
         raise proto.LocalProtocolError("no-such-transfer", f"no open transfer {transfer_id!r}")

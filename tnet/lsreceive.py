@@ -183,7 +183,7 @@ class LsReceive(Receiving):
         """Registered as a transfer: asked about (ACCEPT=ask) or taken at once."""
         cfg = self.ctx.config
         self.id = self.ctx.new_transfer_id()
-        self.ctx.registry.transfers[self.id] = self  # type: ignore[assignment]
+        self.ctx.registry.transfers[self.id] = self
         if cfg.accept == "ask":
             self.awaiting_decision = True
             self.set_deadline(self.loop.clock() + cfg.ask_timeout)
