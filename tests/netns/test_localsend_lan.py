@@ -72,3 +72,24 @@ def test_localsendd_and_tnet_list_each_other_and_localsendd_files_land_in_tnet(l
     assert events.of("file-failed") == [] and events.of("transfer-failed") == []
     assert sorted(os.listdir(tango.downloads)) == ["big.bin", "empty.dat", "note.txt"]
     assert tango.temp_files() == []
+
+
+@pytest.fixture(name="bare_lab")
+def lab_without_routes(tmp_path):
+    yield from make_lab(tmp_path)
+
+
+def test_two_tnet_daemons_find_each_other_as_localsend_peers_without_a_default_route(bare_lab):
+    """tnet joins and sends on its interfaces by address, so a LAN without a gateway works
+    (localsendd needs a route there)."""
+    alpha = bare_lab.daemon("alpha", LOCALSEND="1", LOCALSEND_HTTPS="0")
+    bravo = bare_lab.daemon("bravo", LOCALSEND="1", LOCALSEND_HTTPS="0")
+
+    def found():
+        peers = alpha.request("discover", timeout=1)[-1]["peers"]
+        return next((p for p in peers if p.get("kind") == "localsend" and p["name"] == "bravo"), None)
+
+    device = wait_until(found, timeout=30, what="alpha to find bravo", interval=0.5)
+    assert device["address"] == bravo.host.address and device["protocol"] == "http"
+    kinds = {(p["name"], p.get("kind")) for p in alpha.request("discover", timeout=1)[-1]["peers"]}
+    assert ("bravo", "tnet") in kinds  # the same daemon, found by tnet's own discovery too
