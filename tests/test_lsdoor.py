@@ -509,3 +509,67 @@ def test_from_another_file_system_files_are_copied_into_place_and_space_is_check
     status, answer = sender(d).prepare({"a": entry("a", "too-big.bin", b"", size=20 * 1024 * 1024)})
     assert status == 507 and "not enough space" in answer["message"]
     nothing_left(d)
+
+
+# --- bounds at N and N + 1 ------------------------------------------------------------------------
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def busy(d, source: str) -> socket.socket:
+    """A connection in the middle of a request: a register head, its body still due."""
+    sock = raw(d.address, d.ls_port, source=source)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{" % ls.REGISTER_PATH.encode())
+    return sock
+
+
+def test_connections_per_address_idle_ones_make_room_busy_ones_do_not(ls_net):
+    d = ls_net("alpha", https=False, MAX_CONNECTIONS_PER_PEER="3", IDLE_TIMEOUT="60")
+    idle = [raw(d.address, d.ls_port, source="127.0.0.21") for _ in range(3)]
+    wait_until(lambda: d.request("status")[-1]["localsend"]["connections"] == 3, what="three connections")
+    newest = raw(d.address, d.ls_port, source="127.0.0.21")  # N + 1: the oldest idle one goes
+    assert closed_by_peer(idle[0])
+    assert not closed_by_peer(idle[1], timeout=0.5)
+    for sock in idle[1:] + [newest]:
+        sock.close()
+    held = [busy(d, "127.0.0.22") for _ in range(3)]
+    wait_until(lambda: d.request("status")[-1]["localsend"]["connections"] == 3, what="three busy connections")
+    refused = raw(d.address, d.ls_port, source="127.0.0.22")
+    assert closed_by_peer(refused)  # every one is busy: the new one is refused
+    assert sender(d, source="127.0.0.23").call("GET", ls.INFO_PATH)[0] == 200  # others are not affected
+    for sock in held:
+        sock.close()
+
+
+def test_sixteen_senders_at_once_and_the_seventeenth_is_409(ls_net):
+    d = ls_net("alpha", https=False)
+    for n in range(ls.MAX_SESSIONS):
+        assert sender(d, source=f"127.0.1.{n + 1}").prepare({"a": entry("a", f"{n}.bin", b"x")})[0] == 200
+    assert sender(d, source="127.0.1.99").prepare({"a": entry("a", "late.bin", b"x")})[0] == 409
+    assert len(d.request("transfers")[-1]["transfers"]) == ls.MAX_SESSIONS
+
+
+def test_request_bodies_held_at_once_are_bounded(ls_net):
+    d = ls_net("alpha", https=False)
+    limit = 16 * 1024 * 1024  # lsdoor.MAX_BUFFERED_JSON_BYTES
+    held = []
+    for n in range(2):  # two bodies of 8 MiB - 1, each a byte short of its end
+        sock = raw(d.address, d.ls_port, source=f"127.0.2.{n + 1}")
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % (ls.PREPARE_UPLOAD_PATH.encode(), limit // 2) + b" " * (limit // 2 - 1))
+        held.append(sock)
+    wait_until(lambda: d.request("status")[-1]["localsend"]["connections"] == 2, what="two connections")
+    s = sender(d)
+    assert s.call("POST", ls.REGISTER_PATH, b"{}")[0] == 400  # N: the last two bytes fit (and are no device)
+    assert s.call("POST", ls.REGISTER_PATH, b"{ }")[0] == 503  # N + 1
+    for sock in held:
+        sock.close()
+    wait_until(lambda: s.call("POST", ls.REGISTER_PATH, b"{ }")[0] == 400, what="the bodies to be released")
