@@ -144,3 +144,42 @@ def test_history_max_defaults_to_ten_thousand_and_is_bounded():
         with pytest.raises(ConfigError) as info:
             load_config({"HISTORY_MAX": bad})
         assert "HISTORY_MAX" in str(info.value)
+def test_localsend_is_off_by_default_and_its_variables_are_read():
+    config = load_config({"HOST_NAME": "box", "TEMP_DIR": "/t", "HOME": "/h"})
+    assert config.localsend is False and config.localsend_port == 53317 and config.localsend_https is True
+    assert config.alias == "box" and config.localsend_pin is None
+    assert config.state_dir == "/h/.local/state/tnet"
+    config = load_config({"HOST_NAME": "box", "LOCALSEND": "1", "LOCALSEND_PORT": "4000", "LOCALSEND_ALIAS": "Büro",
+                          "LOCALSEND_HTTPS": "0", "LOCALSEND_PIN": "1234", "STATE_DIR": "/s"})
+    assert (config.localsend, config.localsend_port, config.alias) == (True, 4000, "Büro")
+    assert (config.localsend_https, config.localsend_pin, config.state_dir) == (False, "1234", "/s")
+
+
+@pytest.mark.parametrize("var, value", [
+    ("LOCALSEND", "maybe"), ("LOCALSEND_PORT", "0"), ("LOCALSEND_PORT", "65536"),
+    ("LOCALSEND_ALIAS", "a\u202eb"), ("LOCALSEND_ALIAS", "x" * 129), ("LOCALSEND_PIN", "1\n2"),
+    ("LOCALSEND_PIN", "9" * 65), ("LOCALSEND_HTTPS", "2"),
+])
+def test_bad_localsend_values_name_their_variable(var, value):
+    with pytest.raises(ConfigError, match=var):
+        load_config({var: value})
+
+
+def test_limits_of_alias_and_pin_at_n():
+    config = load_config({"LOCALSEND_ALIAS": "x" * 128, "LOCALSEND_PIN": "9" * 64})
+    assert len(config.alias) == 128 and len(config.localsend_pin or "") == 64
+
+
+def test_the_state_dir_helper_follows_the_same_rule():
+    assert util.state_dir_path({"STATE_DIR": "/s", "XDG_STATE_HOME": "/x"}) == "/s"
+    assert util.state_dir_path({"XDG_STATE_HOME": "/x", "HOME": "/h"}) == "/x/tnet"
+    assert util.state_dir_path({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == "/h/.local/state/tnet"
+
+
+def test_every_localsend_variable_is_in_both_tables():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for var in ("STATE_DIR", "LOCALSEND", "LOCALSEND_PORT", "LOCALSEND_ALIAS", "LOCALSEND_HTTPS", "LOCALSEND_PIN"):
+        assert f"| `{var}` |" in readme, var
+        assert f"\n{var} " in util.__doc__, var

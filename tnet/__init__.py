@@ -8,6 +8,12 @@ The package, top to bottom; a module imports only modules below it
   accepts on them, refuses peers beyond the limits, stops cleanly.
 * ``commands``: what a local client may ask (``COMMANDS``), and the walk of
   a send's folders a slice per turn.
+* ``lsdoor``: the LocalSend front door (LOCALSEND=1): the HTTP(S) listener's
+  connections and their bounds, the endpoints, the identity and sockets.
+* ``lsfind`` / ``lsreceive``: LocalSend discovery (multicast, register, the
+  devices seen); the files a LocalSend device sends, as a transfer.
+* ``httpconn``: HTTP/1.1 connections in the loop, in clear or over TLS, and
+  our own requests (``HttpClient``).
 * ``inbound`` / ``outbound``: the two ends of an exchange with another
   daemon, receiving files into the store, sending them with sendfile.
 * ``peers``: what both ends share (deadlines, backpressure, the lingering
@@ -25,8 +31,10 @@ The package, top to bottom; a module imports only modules below it
 * ``api``: the local JSON API (§6), pure.
 * ``protocol``: the wire format (§2-§5) and the whole exchange state machine
   (``Exchange``, ``EXCHANGE_RULES``: who may send what, when), pure.
-* ``http``, ``x509``: an HTTP/1.1 codec and a certificate maker, pure, for
-  the LocalSend protocol.
+* ``tls``: the LocalSend identity in STATE_DIR, TLS contexts, TLS over memory
+  BIOs.
+* ``http``, ``x509``, ``localsend``: an HTTP/1.1 codec, a certificate maker
+  and the LocalSend v2 formats and sessions, pure.
 * ``util``: configuration and small helpers.
 
 A newcomer reads ``protocol`` (the rules), then ``daemon`` and the parts it

@@ -290,9 +290,23 @@ def cmd_status(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> in
         ["peers known", str(status["peers"])],
         ["transfers", str(len(status["transfers"]))],
     ]
+    if "localsend" in status:  # LOCALSEND=1
+        ls = status["localsend"]
+        rows.append(["localsend", f"{printable(ls['alias'])} on port {ls['port']} ({ls['protocol']}"
+                                  f"{', PIN' if ls['pin'] else ''}), {ls['devices']} devices seen"])
+        rows.append(["fingerprint", ls["fingerprint"]])
     columns(rows, out)
     print_transfers(status["transfers"], out)
     return EXIT_OK
+
+
+def kind_column(peer: Dict[str, Any]) -> List[str]:
+    """With LOCALSEND=1 the daemon says what each peer is: "tnet", or "localsend" and how it is reached."""
+    if "kind" not in peer:
+        return []
+    if peer["kind"] == "localsend":
+        return [f"localsend ({peer.get('protocol', '')}, {printable(str(peer.get('device_type', '')))})"]
+    return [printable(str(peer["kind"]))]
 
 
 def cmd_discover(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
@@ -300,7 +314,7 @@ def cmd_discover(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> 
     if args.json:
         print_json(answer["peers"], out)
     elif answer["peers"]:
-        columns([[printable(p["name"]), p["address"]] for p in answer["peers"]], out)
+        columns([[printable(p["name"]), p["address"]] + kind_column(p) for p in answer["peers"]], out)
     else:
         print("no peers answered (is tnet running there, with the same BROADCAST_PORT?)", file=sys.stderr)
     return EXIT_OK
@@ -311,7 +325,7 @@ def cmd_peers(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int
     if args.json:
         print_json(answer["peers"], out)
     elif answer["peers"]:
-        rows = [[printable(p["name"]), p["address"], f"seen {duration(p['seen_s_ago'])} ago"]
+        rows = [[printable(p["name"]), p["address"]] + kind_column(p) + [f"seen {duration(p['seen_s_ago'])} ago"]
                 for p in answer["peers"]]
         columns(rows, out)
     else:

@@ -10,9 +10,10 @@ is shown the answers of sends and messages.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__, api
 from . import protocol as proto
@@ -20,8 +21,10 @@ from .clients import ClientConn, Events
 from .discovery import DEFAULT_DISCOVER_S, Discovery, Found, PeerRecord
 from .inbound import InboundPeer
 from .loop import Loop
+from .lsdoor import LocalSend
+from .lsreceive import LsReceive
 from .outbound import OutboundPeer
-from .peers import PeerConn, PeerContext
+from .peers import PeerContext, Transfer
 from .recorder import HistoryJob, Recorder
 from .sending import DEFAULT_RETRY_FOR_S, FanOut, SendJob
 from .store import Store
@@ -40,9 +43,10 @@ class Services:
     events: Events
     store: Store
     recorder: Recorder
+    localsend: Optional[LocalSend] = None  # LOCALSEND=1
 
     @property
-    def transfers(self) -> Dict[str, PeerConn]:
+    def transfers(self) -> Dict[str, Transfer]:
         return self.peers.registry.transfers
 
 
@@ -71,17 +75,36 @@ def cmd_status(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
         "kept": kept_partials(services),
         "peers": len(services.discovery.directory.records),
         "subscribers": len(services.events.subscribers),
+        **localsend_status(services),
     })
+
+
+def localsend_status(services: Services) -> Dict[str, Any]:
+    return {} if services.localsend is None else {"localsend": services.localsend.status()}
 
 
 def peer_list(records: Any) -> List[Dict[str, Any]]:
     return [{"name": r.name, "address": r.address} for r in sorted(records, key=lambda r: (r.name, r.address))]
 
 
+def with_localsend(services: Services, peers: List[Dict[str, Any]], since: float) -> List[Dict[str, Any]]:
+    """LOCALSEND=1: tnet daemons marked as such, then the LocalSend devices seen since ``since``."""
+    if services.localsend is None:
+        return peers
+    now = services.loop.clock()
+    devices = [dict(d.as_peer(), seen_s_ago=round(now - d.last_seen, 1)) for d in services.localsend.devices(since)]
+    return [dict(p, kind="tnet") for p in peers] + devices
+
+
 def cmd_discover(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
+    started = services.loop.clock()
+    if services.localsend is not None:
+        services.localsend.announce()
+
     def done(found: Found) -> None:
         if not client.closed:
-            client.finish({"peers": peer_list(found.values())})
+            peers = with_localsend(services, peer_list(found.values()), started)
+            client.finish({"peers": [{k: v for k, v in p.items() if k != "seen_s_ago"} for p in peers]})
 
     services.discovery.discover(float(args.get("timeout", DEFAULT_DISCOVER_S)), done)
 
@@ -92,7 +115,7 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
     peers = peer_list(records.values())
     for item in peers:
         item["seen_s_ago"] = round(now - records[item["address"]].last_seen, 1)
-    client.finish({"peers": peers})
+    client.finish({"peers": with_localsend(services, peers, -math.inf)})
 
 
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
@@ -195,7 +218,7 @@ def kept_partials(services: Services) -> List[Dict[str, Any]]:
     return keep.listing() if keep is not None and keep.fd >= 0 else []
 
 
-def transfer_by_id(services: Services, transfer_id: str) -> PeerConn:
+def transfer_by_id(services: Services, transfer_id: str) -> Transfer:
     conn = services.transfers.get(transfer_id)
     if conn is None:
         raise proto.LocalProtocolError("no-such-transfer", f"no open transfer {transfer_id!r}")
@@ -210,7 +233,7 @@ def cmd_cancel(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
 def cmd_decide(accepted: bool) -> Handler:
     def handler(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
         conn = transfer_by_id(services, args["id"])
-        if not isinstance(conn, InboundPeer) or not conn.awaiting_decision:
+        if not isinstance(conn, (InboundPeer, LsReceive)) or not conn.awaiting_decision:
             raise proto.LocalProtocolError("not-waiting", f"transfer {args['id']} is not waiting for a decision")
         conn.decide(accepted)
         client.finish({"id": args["id"]})

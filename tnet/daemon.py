@@ -37,6 +37,7 @@ from .history import HISTORY_FILE, History, HistoryError
 from .inbound import InboundPeer
 from .keep import Keep
 from .loop import Listener, Loop
+from .lsdoor import LocalSend, StartError
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .recorder import Recorder
@@ -75,8 +76,10 @@ class Daemon:
                                  record_files=self.recorder.record_outgoing_files)
         self.discovery = Discovery(self.loop, config, nonce, self.answer,
                                    lambda: len(self.peers.registry.answering))
+        self.localsend = LocalSend(self.peers) if config.localsend else None
         self.services = Services(config=config, loop=self.loop, peers=self.peers, discovery=self.discovery,
-                                 events=self.events, store=self.store, recorder=self.recorder)
+                                 events=self.events, store=self.store, recorder=self.recorder,
+                                 localsend=self.localsend)
         self.dispatch = dispatcher(self.services)
         self.listeners: List[Listener] = []
         self.socket_paths: List[str] = []
@@ -105,7 +108,8 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"TEMP_DIR={cfg.temp_dir}: cannot keep partial files for resume: {exc.strerror}") \
                 from None
-        ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections + 64)
+        pools = 2 if cfg.localsend else 1  # the LocalSend door counts its connections apart
+        ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections * pools + 64)
         if self.store.other_file_system():
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
                         "copied once more after it is verified, and needs room in both until then; "
@@ -116,22 +120,40 @@ class Daemon:
         except StartupError:
             tcp.close()
             raise
+        more = self.open_localsend(tcp, udp)
         self.discovery.port = tcp.getsockname()[1]
         command = self.open_unix("COMMAND_SOCKET", cfg.command_socket)
         events = self.open_unix("EVENT_SOCKET", cfg.event_socket)
         for sock, callback in ((tcp, lambda: self.on_tcp_accept(tcp)), (udp, lambda: self.discovery.on_datagrams(udp)),
                                (command, lambda: self.on_command_accept(command)),
-                               (events, lambda: self.on_event_accept(events))):
+                               (events, lambda: self.on_event_accept(events))) + more:
             sock.setblocking(False)
             listener = Listener(self.loop, sock, callback)
             self.listeners.append(listener)
             listener.listen()
+        if self.localsend is not None:
+            self.localsend.start()
         log.info("tnet %s: %s on %s:%d, discovery on port %d to %s, saving to %s", __version__,
                  cfg.host_name, cfg.bind_address, cfg.receive_port, cfg.broadcast_port,
                  ",".join(self.discovery.broadcasts), self.store.save_dir)
         if cfg.peers:
             log.info("discovery also asks %s", ", ".join(f"{address}:{port}" for address, port in cfg.peers))
         log.info("history in %s (at most %d entries)", self.recorder.history.path, cfg.history_max)
+
+    def open_localsend(self, tcp: socket.socket, udp: socket.socket) -> Tuple[Tuple[socket.socket, Callable], ...]:
+        """LOCALSEND=1: its sockets, each with what to do when it is readable;
+        StartupError (``tcp`` and ``udp`` closed) if it cannot start."""
+        localsend = self.localsend
+        if localsend is None:
+            return ()
+        try:
+            ls_tcp, ls_udp = localsend.open(time.time())
+        except StartError as exc:
+            tcp.close()
+            udp.close()
+            raise StartupError(str(exc)) from None
+        return (ls_tcp, lambda: localsend.on_listener(ls_tcp, self.accept)), (ls_udp,
+                                                                              lambda: localsend.on_datagrams(ls_udp))
 
     def open_tcp(self) -> socket.socket:
         cfg = self.config
@@ -193,6 +215,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Fail open transfers cleanly, tell peers and clients, remove the socket files."""
+        if self.localsend is not None:
+            self.localsend.close()  # its transfers fail with "shutdown", published below
         for item in self.loop.handlers():
             self.loop.guarded(item, functools.partial(self.say_goodbye, item))
         self.events.flush_all()

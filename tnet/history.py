@@ -27,7 +27,7 @@ import tempfile
 from typing import IO, Any, Deque, Dict, Generator, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .api import encode_line
-from .util import DEFAULT_HISTORY_MAX, state_dir
+from .util import DEFAULT_HISTORY_MAX, state_dir_path
 
 log = logging.getLogger("tnet")
 
@@ -57,8 +57,8 @@ class HistoryError(Exception):
 
 
 def history_path(env: Mapping[str, str]) -> str:
-    """STATE_DIR/history.jsonl (STATE_DIR as ``util.state_dir`` finds it)."""
-    return os.path.join(state_dir(env), HISTORY_FILE)
+    """STATE_DIR/history.jsonl (STATE_DIR as ``util.state_dir_path`` finds it)."""
+    return os.path.join(state_dir_path(env), HISTORY_FILE)
 
 
 # --- Entries --------------------------------------------------------------------

@@ -22,7 +22,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Set, Tuple
 
 from . import api
 from . import protocol as proto
@@ -44,6 +44,16 @@ MAX_DRAIN_READS = 64  # reads of what a reset peer left queued, looking for its 
 PROGRESS_INTERVAL_S = 0.25  # progress events per transfer, at most four a second
 
 
+class Transfer(Protocol):
+    """What the commands need of an open transfer: a tnet peer's, or a LocalSend sender's (lsreceive)."""
+
+    id: str
+
+    def describe(self) -> Dict[str, Any]: ...
+
+    def fail(self, code: str, message: str) -> None: ...
+
+
 class PeerRegistry:
     """The connections to peers, by what they do; every count is a size here."""
 
@@ -52,7 +62,7 @@ class PeerRegistry:
         self.inbound: Dict[str, Set["PeerConn"]] = {}  # by the peer's address
         self.answering: Set["PeerConn"] = set()  # our answers to discoveries, in flight
         self.refusals: Set["Refusal"] = set()  # being told why they are not taken
-        self.transfers: Dict[str, "PeerConn"] = {}  # by transfer id, while open
+        self.transfers: Dict[str, Transfer] = {}  # by transfer id, while open
 
     def inbound_count(self) -> int:
         return sum(len(conns) for conns in self.inbound.values())

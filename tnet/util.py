@@ -42,11 +42,18 @@ PEERS                  (none)                      comma-separated IPv4 addresse
                                                    BROADCAST_PORT, default ours), asked by
                                                    unicast at each discovery, and answered
                                                    from any network; no host names
-STATE_DIR              $XDG_STATE_HOME/tnet, else  where the history file lives (one daemon
-                       ~/.local/state/tnet         per STATE_DIR)
 HISTORY_MAX            10000                       history entries kept, the oldest dropped
 RESUME_KEEP            24                          hours a partial file is kept for a resume
 LOG_LEVEL              info                        debug, info, warning or error
+STATE_DIR              $XDG_STATE_HOME/tnet, else  what must outlive the daemon: the history,
+                       ~/.local/state/tnet         the LocalSend certificate, key, fingerprint
+                                                   (one daemon per STATE_DIR)
+LOCALSEND              0                           1: be a LocalSend v2 peer too (phones)
+LOCALSEND_PORT         53317                       its TCP port (HTTP or HTTPS) and UDP port
+                                                   (multicast group 224.0.0.167)
+LOCALSEND_ALIAS        HOST_NAME                   the name LocalSend devices show
+LOCALSEND_HTTPS        1                           0: plain HTTP instead of HTTPS
+LOCALSEND_PIN          (none)                      a PIN LocalSend senders must give
 =====================  ==========================  ==========================================
 """
 
@@ -61,7 +68,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Mapping, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 DEFAULT_EVENT_SOCKET = "./run/tnet/events"
 DEFAULT_COMMAND_SOCKET = "./run/tnet/commands"
@@ -69,6 +76,9 @@ DEFAULT_BROADCAST_PORT = 0xC0DE
 DEFAULT_RECEIVE_PORT = 0xC00D
 MAX_TIMEOUT_S = 24 * 3600.0  # a longer timeout is a typo
 MAX_KEEP_HOURS = 24 * 365.0  # partials kept longer than a year are clutter, not a resume
+DEFAULT_LOCALSEND_PORT = 53317  # LocalSend's own default: phones look there first
+MAX_ALIAS_BYTES = 128  # a LocalSend alias (localsend.MAX_ALIAS_BYTES); util imports nothing from tnet
+MAX_PIN_BYTES = 64  # the apps offer a few digits; a longer PIN is a paste gone wrong
 LIMITED_BROADCAST = "255.255.255.255"
 DEFAULT_HISTORY_MAX = 10_000  # entries: months of use, a few MiB
 MAX_HISTORY_MAX = 1_000_000  # a rewrite of the history reads it whole, on the loop: more would stall it
@@ -102,8 +112,18 @@ class Config:
     log_level: str = "info"
     resume_keep_s: float = 24 * 3600.0
     peers: Tuple[Tuple[str, int], ...] = ()  # PEERS: (address, UDP port)
-    state_dir: str = field(default_factory=lambda: state_dir(os.environ))
     history_max: int = DEFAULT_HISTORY_MAX
+    state_dir: str = field(default_factory=lambda: state_dir_path(os.environ))
+    localsend: bool = False
+    localsend_port: int = DEFAULT_LOCALSEND_PORT
+    localsend_alias: str = ""  # "": HOST_NAME (``alias``)
+    localsend_https: bool = True
+    localsend_pin: Optional[str] = None
+
+    @property
+    def alias(self) -> str:
+        """The name LocalSend devices show for this daemon."""
+        return self.localsend_alias or self.host_name
 
     def allows(self, address: str) -> bool:
         """Whether ALLOW_FROM lets ``address`` send offers and messages."""
@@ -232,7 +252,7 @@ def system_temp_dir() -> str:
     return tempfile.gettempdir()
 
 
-def state_dir(env: Mapping[str, str]) -> str:
+def state_dir_path(env: Mapping[str, str]) -> str:
     """STATE_DIR; by default $XDG_STATE_HOME/tnet, else ~/.local/state/tnet (a
     relative XDG_STATE_HOME is ignored, as the XDG spec says)."""
     state = env.get("STATE_DIR")
@@ -241,6 +261,17 @@ def state_dir(env: Mapping[str, str]) -> str:
     xdg = env.get("XDG_STATE_HOME", "")
     home = env.get("HOME") or os.path.expanduser("~")
     return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "tnet")
+
+
+def parse_text(name: str, text: str, limit: int) -> str:
+    """A display string or secret: printable, 1 to ``limit`` bytes of UTF-8."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if not text.isprintable() or not 0 < size <= limit:
+        raise ConfigError(f"{name}={text!r}: printable, 1 to {limit} bytes")
+    return text
 
 
 def command_socket_path(env: Mapping[str, str]) -> str:
@@ -256,7 +287,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     values: dict = {
         "event_socket": event_socket_path(env),
         "command_socket": command_socket_path(env),
-        "state_dir": state_dir(env),
+        "state_dir": state_dir_path(env),
     }
     parsers = {
         "BROADCAST_PORT": ("broadcast_port", parse_port),
@@ -275,6 +306,11 @@ def load_config(env: Mapping[str, str]) -> Config:
         "RESUME_KEEP": ("resume_keep_s", parse_hours),
         "LOG_LEVEL": ("log_level", lambda n, t: parse_choice(n, t, ("debug", "info", "warning", "error"))),
         "HISTORY_MAX": ("history_max", lambda n, t: parse_int(n, t, 1, MAX_HISTORY_MAX)),
+        "LOCALSEND": ("localsend", parse_bool),
+        "LOCALSEND_PORT": ("localsend_port", parse_port),
+        "LOCALSEND_ALIAS": ("localsend_alias", lambda n, t: parse_text(n, t, MAX_ALIAS_BYTES)),
+        "LOCALSEND_HTTPS": ("localsend_https", parse_bool),
+        "LOCALSEND_PIN": ("localsend_pin", lambda n, t: parse_text(n, t, MAX_PIN_BYTES)),
     }
     for var, (attr, parse) in parsers.items():
         text = env.get(var)
