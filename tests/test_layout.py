@@ -19,6 +19,7 @@ ALLOWED = {
     "cli": {"api", "util", "daemon"},  # daemon only inside `tnet daemon`, never at import
     "localsend": {"protocol"},
     "loop": set(),
+    "store": {"protocol"},
     "walk": {"protocol", "util"},
     "clients": {"api", "loop", "protocol"},
     "discovery": {"protocol", "loop", "util"},

@@ -114,16 +114,18 @@ class Daemon:
             log.warning("TEMP_DIR=%s and FILE_SAVE_DIR=%s are on different file systems: each file is "
                         "copied once more after it is verified, and needs room in both until then; "
                         "a TEMP_DIR beside FILE_SAVE_DIR saves that", cfg.temp_dir, cfg.save_dir)
-        tcp = self.open_tcp()
+        tcp = open_tcp(cfg)
         try:
-            udp = self.open_udp()
+            udp = open_udp(cfg)
         except StartupError:
             tcp.close()
             raise
         more = self.open_localsend(tcp, udp)
         self.discovery.port = tcp.getsockname()[1]
-        command = self.open_unix("COMMAND_SOCKET", cfg.command_socket)
-        events = self.open_unix("EVENT_SOCKET", cfg.event_socket)
+        command = open_unix("COMMAND_SOCKET", cfg.command_socket)
+        self.socket_paths.append(cfg.command_socket)
+        events = open_unix("EVENT_SOCKET", cfg.event_socket)
+        self.socket_paths.append(cfg.event_socket)
         for sock, callback in ((tcp, lambda: self.on_tcp_accept(tcp)), (udp, lambda: self.discovery.on_datagrams(udp)),
                                (command, lambda: self.on_command_accept(command)),
                                (events, lambda: self.on_event_accept(events))) + more:
@@ -154,64 +156,6 @@ class Daemon:
             raise StartupError(str(exc)) from None
         return (ls_tcp, lambda: localsend.on_listener(ls_tcp, self.accept)), (ls_udp,
                                                                               lambda: localsend.on_datagrams(ls_udp))
-
-    def open_tcp(self) -> socket.socket:
-        cfg = self.config
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            tcp.bind((cfg.bind_address, cfg.receive_port))
-        except OSError as exc:
-            tcp.close()
-            raise StartupError(f"RECEIVE_PORT={cfg.receive_port} on BIND_ADDRESS={cfg.bind_address}: "
-                               f"{exc.strerror}") from None
-        tcp.listen(LISTEN_BACKLOG)
-        return tcp
-
-    def open_udp(self) -> socket.socket:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        # Broadcasts reach only wildcard-bound sockets, and every daemon on the
-        # machine shares the port: SO_REUSEADDR lets them all hear (§5).
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            udp.bind(("", self.config.broadcast_port))
-        except OSError as exc:
-            udp.close()
-            raise StartupError(f"BROADCAST_PORT={self.config.broadcast_port}: {exc.strerror}") from None
-        return udp
-
-    def open_unix(self, var: str, path: str) -> socket.socket:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            try:
-                os.makedirs(folder, mode=SOCKET_DIR_MODE)
-            except OSError as exc:
-                raise StartupError(f"{var}={path}: cannot create {folder}: {exc.strerror}") from None
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise StartupError(f"{var}={path}: exists and is not a socket; not touching it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                remove_quietly(path)  # stale: its daemon is gone
-            else:
-                raise StartupError(f"{var}={path}: another tnet daemon is serving it")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket file is born 0600
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"{var}={path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, SOCKET_MODE)
-        sock.listen(LISTEN_BACKLOG)
-        self.socket_paths.append(path)
-        return sock
 
     def stop(self) -> None:
         """Fail open transfers cleanly, tell peers and clients, remove the socket files."""
@@ -323,6 +267,66 @@ class Daemon:
             log.info("cannot answer %s: %s", host, exc.strerror)
             return
         conn.connect(request.port)
+
+
+# --- The sockets -----------------------------------------------------------------
+
+
+def open_tcp(cfg: Config) -> socket.socket:
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        tcp.bind((cfg.bind_address, cfg.receive_port))
+    except OSError as exc:
+        tcp.close()
+        raise StartupError(f"RECEIVE_PORT={cfg.receive_port} on BIND_ADDRESS={cfg.bind_address}: "
+                           f"{exc.strerror}") from None
+    tcp.listen(LISTEN_BACKLOG)
+    return tcp
+
+def open_udp(cfg: Config) -> socket.socket:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Broadcasts reach only wildcard-bound sockets, and every daemon on the
+    # machine shares the port: SO_REUSEADDR lets them all hear (§5).
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        udp.bind(("", cfg.broadcast_port))
+    except OSError as exc:
+        udp.close()
+        raise StartupError(f"BROADCAST_PORT={cfg.broadcast_port}: {exc.strerror}") from None
+    return udp
+
+def open_unix(var: str, path: str) -> socket.socket:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder, mode=SOCKET_DIR_MODE)
+        except OSError as exc:
+            raise StartupError(f"{var}={path}: cannot create {folder}: {exc.strerror}") from None
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"{var}={path}: exists and is not a socket; not touching it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            remove_quietly(path)  # stale: its daemon is gone
+        else:
+            raise StartupError(f"{var}={path}: another tnet daemon is serving it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is born 0600
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"{var}={path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
 
 
 def ensure_descriptors(wanted: int) -> None:
