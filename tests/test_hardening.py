@@ -9,6 +9,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any, Dict, List
 import crafted
 import pytest
 from conftest import next_address, read_answers, temp_files, wait_until
-from test_hostile import Requester, wait_until_quiet
+from test_hostile import Requester
 from test_loopback_faults import first_answer, small_disk, small_transfer_works  # noqa: F401 (a fixture)
 
 from tnet import api
@@ -85,16 +86,17 @@ def test_f1_an_ordinary_folder_send_with_a_swap_mid_batch_gets_nothing_outside(n
     target = b.downloads / "x" if swapped == "subfolder" else b.downloads
     swap_when_the_big_file_starts(events, target, outside)
     _, stderr = cli.communicate(timeout=120)
-    assert cli.returncode == 0, stderr + b.log()
-    assert os.listdir(outside) == []
-    saved = Path(str(target) + ".moved") / ("big.bin" if swapped == "subfolder" else "x/big.bin")
-    assert saved.stat().st_size == 64 * MiB
+    later = None
     if swapped == "save-dir":  # the next offer is refused, not taken through the link
         f = tmp_path / "later.txt"
         f.write_text("later")
-        out = a.cli("send", b.address, str(f))
-        assert out.returncode != 0 and "save-failed" in out.stderr and "link" in out.stderr, out.stderr
-        assert os.listdir(outside) == []
+        later = a.cli("send", b.address, str(f))
+    assert os.listdir(outside) == []  # first: what matters most
+    assert cli.returncode == 0, stderr + b.log()
+    saved = Path(str(target) + ".moved") / ("big.bin" if swapped == "subfolder" else "x/big.bin")
+    assert saved.stat().st_size == 64 * MiB
+    if later is not None:
+        assert later.returncode != 0 and "save-failed" in later.stderr and "link" in later.stderr, later.stderr
 
 
 # --- F2: a FIFO or a link swapped in on the sending side ------------------------------------
@@ -107,7 +109,7 @@ def test_f2_a_fifo_or_link_swapped_into_a_folder_being_sent_fails_that_file_only
     for name in ("one.txt", "three.txt", "two.txt"):
         (folder / name).write_text(name)
     secret = tmp_path / "secret.txt"
-    secret.write_text("not for the network")
+    secret.write_text("SECRET!!!")  # as long as three.txt: only the link, not the size, gives it away
     events = b.events()
     cli = subprocess.Popen(a.cli_args("send", b.address, str(folder)), env=a.env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
@@ -132,6 +134,29 @@ def test_f2_a_fifo_or_link_swapped_into_a_folder_being_sent_fails_that_file_only
     assert all(e["code"] == "file-changed" for e in failed)
 
 
+def test_f2_a_fifo_alone_does_not_freeze_the_sender(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "one.txt").write_text("one")
+    (folder / "two.txt").write_text("two")
+    events = b.events()
+    cli = subprocess.Popen(a.cli_args("send", b.address, str(folder)), env=a.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    offer = events.wait_for(lambda e: e["event"] == "offer")
+    os.unlink(folder / "two.txt")
+    os.mkfifo(folder / "two.txt")  # nobody will ever open its other end
+    assert b.request("accept", id=offer["id"])[-1]["ok"]
+    try:
+        _, stderr = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            os.close(os.open(folder / "two.txt", os.O_RDWR | os.O_NONBLOCK))  # set a daemon stuck on it free
+    assert cli.returncode == 7 and "file-changed" in stderr, stderr
+    assert a.request("status")[-1]["ok"]
+
+
 # --- F3: names are claims, not facts --------------------------------------------------------
 
 
@@ -140,7 +165,7 @@ def test_f3_a_name_in_a_message_never_redirects_a_send(net, tmp_path):
     attacker = next_address()
     trap = crafted.Receiver(attacker, timeout=0.1)
     try:
-        for name in ["laptop"] + [f"name{i}" for i in range(1100)]:
+        for name in [f"name{i}" for i in range(1100)] + ["laptop"]:  # the claim last: no flood pushes it out
             wire = crafted.connect(a.address, source=attacker)
             wire.send(proto.PREFACE + crafted.frame({"type": "message", "name": name, "text": "hi"}))
             wire.wait_for(proto.Ack)
@@ -224,8 +249,9 @@ def test_f4_inbound_connections_cannot_starve_our_own_sends(net, tmp_path):
     b = net.daemon("bravo", MAX_CONNECTIONS="8", MAX_CONNECTIONS_PER_PEER="8", HANDSHAKE_TIMEOUT="60")
     a = net.daemon("alpha")
     attacker = next_address()
+    # As many as MAX_CONNECTIONS, from one host: some are taken, the rest refused.
     held = [socket.create_connection((b.address, crafted.PORT), 30, source_address=(attacker, 0))
-            for _ in range(6)]
+            for _ in range(8)]
     try:
         for sock in held:
             sock.settimeout(30)
@@ -379,9 +405,12 @@ def test_f7_a_restart_removes_a_killed_daemons_temp_files_and_no_one_elses(net, 
         wire = crafted.start_batch(d.address, 1, 8 * MiB)
         wire.send(crafted.file_header(0, ["killed.bin"], 8 * MiB) + bytes(MiB))
         wires.append(wire)
-    wait_until(lambda: len([n for n in temp_files(b.temp) if n.endswith(".part") and "/" in n
-                            and os.path.getsize(b.temp / n) == MiB]) == 2, what="both temp files at 1 MiB")
-    theirs = [n for n in temp_files(b.temp) if "/" in n]
+    def in_flight() -> list:
+        return [n for n in temp_files(b.temp) if n.endswith(".part") and not n.endswith("unrelated.part")]
+
+    wait_until(lambda: len([n for n in in_flight() if os.path.getsize(b.temp / n) == MiB]) == 2,
+               what="both temp files at 1 MiB")
+    theirs = in_flight()
     b.proc.kill()
     b.proc.wait()
     planted = b.downloads / (WORK_PREFIX + "0" * 32)  # a copy's staging folder a killed daemon left
@@ -440,32 +469,28 @@ def test_f8_a_watch_that_falls_behind_is_told_and_reconnects(net):
 
 
 def test_f9_a_spoofed_discovery_flood_gets_a_bounded_number_of_answers(net):
+    """300 requester addresses, in rounds, their answers drained between
+    rounds (so that answers in flight are no limit): the answers stay within
+    the budget for all requesters together."""
     b = net.daemon("bravo")
     first = Requester(next_address(), 0)
-    requesters = [first] + [Requester(next_address(), first.port) for _ in range(99)]
+    requesters = [first] + [Requester(next_address(), first.port) for _ in range(299)]
     target = (b.address, net.broadcast_port)
     before = cpu_seconds(b.proc.pid)
     try:
         started = time.monotonic()
-        for _ in range(20):
+        for _ in range(6):
             for r in requesters:
                 r.udp.sendto(r.datagram(), target)
-        sent = time.monotonic()
-        # Datagrams are handled in order, and an answer on loopback is queued at its listener as it
-        # is made: once a fresh requester is answered, every earlier answer is there to count.
-        sentinel = Requester(next_address(), first.port)
-        requesters.append(sentinel)
-
-        def sentinel_answered() -> bool:
-            sentinel.udp.sendto(sentinel.datagram(), target)
-            return wait_until_quiet(sentinel)
-
-        wait_until(sentinel_answered, what="an answer to the sentinel")
-        total = sum(r.collect() for r in requesters[:-1])
+            # An answer on loopback is queued at its listener as it is made: take them until none comes.
+            while select.select([r.tcp for r in requesters], [], [], 0.3)[0]:
+                for r in requesters:
+                    r.collect()
+        total = sum(r.answers for r in requesters)
         windows = int((time.monotonic() - started) / tnet_discovery.ANSWER_WINDOW_S) + 2
-        print(f"\n2,000 requests from 100 addresses in {sent - started:.2f} s: {total} answers, "
+        print(f"\n1,800 requests from 300 addresses over {windows - 2} s: {total} answers, "
               f"{cpu_seconds(b.proc.pid) - before:.2f} s CPU")
-        assert total <= tnet_discovery.MAX_ANSWERS_PER_WINDOW_ALL * windows
+        assert 0 < total <= tnet_discovery.MAX_ANSWERS_PER_WINDOW_ALL * windows
     finally:
         for r in requesters:
             r.close()
