@@ -665,3 +665,77 @@ def test_protocol_imports_no_io():
             pytest.fail("protocol.py calls open()")
     assert not imported & FORBIDDEN, imported & FORBIDDEN
     assert "tnet" not in imported
+
+
+# --- version 2: resume (§7) -----------------------------------------------------------------
+
+
+def resuming_pair(size: int = 10) -> "tuple[p.Exchange, p.Exchange]":
+    """An accepted batch of one resumable file of ``size`` bytes, its header sent."""
+    i, a = pair()
+    carry(i, a, p.Offer("alpha", 1, size, batch=NONCE))
+    carry(a, i, p.Accept("bravo"))
+    assert carry(i, a, p.FileHeader(0, ("f",), size, mtime=7)) == [p.FileHeader(0, ("f",), size, mtime=7)]
+    assert i.state is a.state is p.State.RESUMING and a.data_remaining == 0  # its bytes wait
+    return i, a
+
+
+def test_a_resumed_file_goes_from_the_receivers_offset():
+    i, a = resuming_pair(10)
+    carry(a, i, p.Resume(0, 4, NONCE, SHA))
+    assert carry(i, a, p.FileFrom(0, 4, 6)) == [p.FileFrom(0, 4, 6)]
+    assert a.data_remaining == 6
+    i.sent_file_bytes(6)
+    assert [bytes(e.data) for e in a.receive_data(b"456789")] == [b"456789"]
+    carry(i, a, p.FileEnd(SHA))
+    carry(a, i, p.Done(0))
+    assert i.complete and a.complete
+
+
+def test_a_sender_may_send_it_all_again_but_nothing_else():
+    i, a = resuming_pair(10)
+    carry(a, i, p.Resume(0, 4, NONCE, SHA))
+    for wrong, code in [(p.FileFrom(0, 3, 7), "bad-resume"), (p.FileFrom(0, 4, 5), "size-mismatch"),
+                        (p.FileFrom(1, 0, 10), "bad-resume")]:
+        with pytest.raises(p.LocalProtocolError) as info:
+            copy.deepcopy(i).send(wrong)
+        assert info.value.code == code
+        with pytest.raises(p.RemoteProtocolError) as remote:
+            copy.deepcopy(a).receive_data(p.encode_frame(wrong))
+        assert remote.value.code == code
+    carry(i, a, p.FileFrom(0, 0, 10))
+    assert a.data_remaining == 10
+
+
+def test_a_receiver_cannot_claim_more_than_the_file():
+    i, a = resuming_pair(10)
+    with pytest.raises(p.LocalProtocolError):
+        copy.deepcopy(a).send(p.Resume(0, 11, NONCE, SHA))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        i.receive_data(p.encode_frame(p.Resume(0, 11, NONCE, SHA)))
+    assert info.value.code == "bad-resume"
+
+
+def test_version_1_knows_none_of_it():
+    i = p.Exchange(p.Role.INITIATOR, version=1)
+    assert i.send_preface() == b"TNET\x01"
+    with pytest.raises(p.LocalProtocolError) as info:
+        i.send(p.Offer("alpha", 1, 1, batch=NONCE))
+    assert info.value.code == "bad-frame"
+    a = receiver()
+    a.receive_data(b"TNET\x01" + p.encode_frame(p.Offer("alpha", 1, 1)))
+    a.send(p.Accept("bravo"))
+    with pytest.raises(p.RemoteProtocolError) as remote:
+        a.receive_data(p.encode_frame(p.FileHeader(0, ("f",), 1, mtime=1)))
+    assert remote.value.code == "bad-frame" and a.version == 1
+
+
+def test_an_acceptor_always_answers_in_version_1_and_follows_the_initiator():
+    a = p.Exchange(p.Role.ACCEPTOR)
+    assert a.send_preface() == b"TNET\x01"
+    a.receive_data(b"TNET\x02")
+    assert a.version == 2
+    i = p.Exchange(p.Role.INITIATOR)
+    with pytest.raises(p.RemoteProtocolError) as info:
+        i.receive_data(b"TNET\x02")  # an acceptor's preface names version 1
+    assert info.value.code == "bad-magic"
