@@ -31,7 +31,7 @@ ALLOWED = {
     "commands": {"api", "protocol", "clients", "discovery", "inbound", "loop", "lsdoor", "lsreceive", "outbound",
                  "peers", "recorder", "sending", "store", "util", "walk"},
     "daemon": {"protocol", "clients", "commands", "discovery", "history", "inbound", "keep", "loop", "lsdoor",
-               "outbound", "peers", "recorder", "store", "util"},
+               "outbound", "peers", "recorder", "store", "tls", "util"},
     "tls": {"x509"},
     "httpconn": {"http", "loop", "tls"},
     "lsfind": {"http", "httpconn", "localsend", "loop", "protocol", "util"},

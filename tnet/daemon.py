@@ -42,6 +42,7 @@ from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .recorder import Recorder
 from .store import Store, StoreError, remove_quietly
+from .tls import IdentityFileError, open_state_dir
 from .util import Config, monotonic
 
 log = logging.getLogger("tnet")
@@ -93,7 +94,10 @@ class Daemon:
         """Open the four sockets, or raise StartupError with the reason."""
         cfg = self.config
         try:
+            os.close(open_state_dir(cfg.state_dir))  # private, and never through a link: before a byte goes in it
             self.recorder.open()
+        except IdentityFileError as exc:
+            raise StartupError(str(exc)) from None
         except HistoryError as exc:
             raise StartupError(f"STATE_DIR={cfg.state_dir}: {exc}") from None
         try:
