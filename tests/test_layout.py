@@ -37,10 +37,10 @@ ALLOWED = {
     "lsfind": {"http", "httpconn", "localsend", "loop", "protocol", "util"},
     "lsreceive": {"api", "localsend", "peers", "store", "util"},
     "lsdoor": {"api", "http", "httpconn", "localsend", "lsfind", "lsreceive", "peers", "protocol", "tls"},
-    "history": {"api", "util"},
+    "history": {"api", "protocol", "util"},
     "recorder": {"history", "loop"},
     "__main__": {"cli"},
-    "x509": set(),
+    "x509": {"protocol"},
 }
 
 

@@ -27,6 +27,7 @@ import tempfile
 from typing import IO, Any, Deque, Dict, Generator, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .api import encode_line
+from .protocol import CodedError
 from .util import DEFAULT_HISTORY_MAX, state_dir_path
 
 log = logging.getLogger("tnet")
@@ -44,16 +45,8 @@ _FILE_MODE, _DIR_MODE = 0o600, 0o700
 _OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK  # O_NONBLOCK: a FIFO planted there cannot block us
 
 
-class HistoryError(Exception):
-    """The history file cannot be used or written, with a stable ``code`` slug."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+class HistoryError(CodedError):
+    """The history file cannot be used or written."""
 
 
 def history_path(env: Mapping[str, str]) -> str:

@@ -63,8 +63,8 @@ SHA256_HEX_CHARS = 64
 # --- Errors -------------------------------------------------------------------
 
 
-class ProtocolError(Exception):
-    """A violation of the protocol, with a stable ``code`` slug for clients."""
+class CodedError(Exception):
+    """An error with a stable ``code`` slug for clients, and a message for people."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -73,6 +73,10 @@ class ProtocolError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class ProtocolError(CodedError):
+    """A violation of the protocol."""
 
 
 class RemoteProtocolError(ProtocolError):

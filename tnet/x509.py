@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from .protocol import CodedError
+
 RandBytes = Callable[[int], bytes]
 
 # --- Limits -----------------------------------------------------------------------
@@ -51,16 +53,8 @@ UTC_TIME_LAST_YEAR = 2049  # RFC 5280 4.1.2.5: UTCTime through 2049, Generalized
 # --- Errors -----------------------------------------------------------------------
 
 
-class IdentityError(Exception):
-    """A certificate or key that cannot be made or read, with a stable ``code`` slug."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+class IdentityError(CodedError):
+    """A certificate or key that cannot be made or read."""
 
 
 # --- DER (X.690) --------------------------------------------------------------------
