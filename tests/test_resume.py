@@ -85,9 +85,9 @@ def test_an_edited_partial_or_record_is_not_resumed_and_nothing_corrupt_lands(ne
     f = random_file(tmp_path / "f.bin", 4 * MiB, seed=3)
     for edit in ("partial", "record"):
         send_partial(b, "alpha", f, 2 * MiB)
-        wait_until(lambda: [k for k in kept(b) if k["kept"] == 2 * MiB], what="the partial kept")
-        [part] = keep_folder(b).glob("*.part")
+        [part] = wait_until(lambda: list(keep_folder(b).glob("*.part")), what="the partial kept")
         record = part.with_suffix(".json")
+        wait_until(lambda: json.loads(record.read_text()).get("kept") == 2 * MiB, what="its record written")
         if edit == "partial":
             with open(part, "r+b") as held:
                 held.write(b"tampered")

@@ -18,11 +18,11 @@ import logging
 import math
 import os
 import socket
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import api
 from . import protocol as proto
-from .keep import Keep, KeptFile, partial_key
+from .keep import MAX_BATCH_SAVED, Keep, KeptFile, partial_key
 from .peers import MIN_PROGRESS_BYTES, PeerConn, PeerContext
 from .store import Copy, Store, TempFile, write_all
 from .util import printable
@@ -50,6 +50,9 @@ class Intake:
         self.temp: Optional[TempFile] = None  # the file in flight
         self.hasher: Any = None
         self.prefix_left = 0  # bytes of a kept partial still to hash before resuming it
+        # Files saved by this batch, and by an earlier attempt of it (§7): path -> [saved path, size, sha256].
+        self.saved: Dict[str, List[Any]] = {}
+        self.earlier: Dict[str, Any] = {}
         self.header: Optional[proto.FileHeader] = None
         # Files being copied into place from another file system, one at a time, in order.
         self.copies: Deque[Tuple[Copy, proto.FileHeader, str]] = collections.deque()  # copy, header, sha256
@@ -148,7 +151,7 @@ class Intake:
         Before an error frame goes out: no `done` may follow it."""
         self.keep_or_discard(resumable, now)
         if resumable and batch and keep is not None:
-            keep.keep_batch_tops(sender, batch, self.batch.tops)
+            keep.keep_batch(sender, batch, self.batch.tops, dict(self.earlier, **self.saved))
         self.close()
 
     def write(self, data: Any) -> None:
@@ -166,9 +169,15 @@ class Intake:
         try:
             if self.hasher.hexdigest() != sha256:
                 raise ValueError("SHA-256 does not match")
+            before = self.earlier.get("/".join(header.path))
+            if isinstance(before, list) and len(before) == 3 and before[1:] == [header.size, sha256]:
+                temp.discard()  # saved already, just as the link broke: its `done` never reached the sender
+                return str(before[0])
             saved = self.batch.place(temp, header.path)
             if saved is None:  # TEMP_DIR is on another file system: copy, a slice per turn of the loop
                 self.copies.append((self.batch.start_copy(temp, header.path), header, sha256))
+            else:
+                self.remember(header, saved, sha256)
         except (OSError, ValueError):
             temp.discard()
             raise
@@ -186,7 +195,17 @@ class Intake:
             return header, sha256, "", exc
         if finished:
             self.copies.popleft()
+            self.remember(header, copy.target, sha256)
         return header, sha256, copy.target if finished else "", None
+
+    def continue_batch(self, tops: Dict[str, str], saved: Dict[str, Any]) -> None:
+        """What an earlier attempt of this batch made (§7): its folders, its files."""
+        self.batch.tops.update(tops)
+        self.earlier = saved
+
+    def remember(self, header: proto.FileHeader, saved: str, sha256: str) -> None:
+        if len(self.saved) < MAX_BATCH_SAVED:
+            self.saved["/".join(header.path)] = [saved, header.size, sha256]
 
     def discard_file(self) -> None:
         if self.temp is not None:
@@ -276,8 +295,8 @@ class InboundPeer(PeerConn):
         if refusal:
             self.fail(*refusal)
             return
-        if event.batch and ctx.keep is not None:  # an attempt after a dropped link: the same top folders
-            self.intake.batch.tops.update(ctx.keep.batch_tops(event.name, event.batch))
+        if event.batch and ctx.keep is not None:  # an attempt after a dropped link: where the first put things
+            self.intake.continue_batch(*ctx.keep.batch_state(event.name, event.batch))
         self.id = ctx.new_transfer_id()
         ctx.registry.transfers[self.id] = self
         if cfg.accept == "ask":

@@ -12,9 +12,11 @@ another sender with the same path is never mixed in, and a file that changed
 Records older than RESUME_KEEP, unreadable or not matching their file are
 removed at start and when met.
 
-A batch's top folders as saved (``photos`` -> ``photos (1)``) are kept as
-``batch-<id>.json`` too, so that a send that resumes after a dropped link
-puts the rest of its files where the first attempt put the others.
+A batch's top folders as saved (``photos`` -> ``photos (1)``) and the files
+it saved are kept as ``batch-<id>.json`` too, so that a send that resumes
+after a dropped link puts the rest of its files where the first attempt put
+the others, and a file saved just as the link went down (its `done` lost
+with it) is not saved twice.
 
 Everything is relative to the keep folder's descriptor (see ``store``).
 """
@@ -36,7 +38,8 @@ log = logging.getLogger("tnet")
 
 KEEP_DIR = ".tnet-keep"
 RECORD_VERSION = 1
-MAX_RECORD_BYTES = 16 * 1024  # a record is a few hundred bytes; a batch's folders a few KiB
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # a partial's record is a few hundred bytes; a batch's, its folders and files
+MAX_BATCH_SAVED = 20_000  # files of a batch remembered as saved; more may be saved twice after a dropped link
 MAX_BATCH_TOPS = 4096  # top folders remembered per batch; more are not resumed into the same folders
 KEY_HEX_CHARS = 32
 
@@ -223,20 +226,22 @@ class Keep:
 
     # -- batches
 
-    def batch_tops(self, sender: str, batch: str) -> Dict[str, str]:
-        """Top folders as sent -> as saved, of an earlier attempt of ``batch``."""
+    def batch_state(self, sender: str, batch: str) -> Tuple[Dict[str, str], Dict[str, Any]]:
+        """What an earlier attempt of ``batch`` made: its top folders (as sent
+        -> as saved) and the files it saved (path -> [saved path, size, sha256])."""
         record = self.read_record(batch_key(sender, batch))
         if record is None or self.expired(record) or record.get("sender") != sender:
-            return {}
-        tops = record.get("tops")
-        return {k: v for k, v in tops.items() if isinstance(k, str) and isinstance(v, str)} \
+            return {}, {}
+        tops, saved = record.get("tops"), record.get("saved")
+        tops = {k: v for k, v in tops.items() if isinstance(k, str) and isinstance(v, str)} \
             if isinstance(tops, dict) else {}
+        return tops, saved if isinstance(saved, dict) else {}
 
-    def keep_batch_tops(self, sender: str, batch: str, tops: Dict[str, str]) -> None:
-        if not tops:
+    def keep_batch(self, sender: str, batch: str, tops: Dict[str, str], saved: Dict[str, Any]) -> None:
+        if not tops and not saved:
             return
         record = {"v": RECORD_VERSION, "sender": sender, "tops": dict(list(tops.items())[:MAX_BATCH_TOPS]),
-                  "time": self.wall()}
+                  "saved": dict(list(saved.items())[:MAX_BATCH_SAVED]), "time": self.wall()}
         try:
             write_record(self.fd, batch_key(sender, batch) + ".json", record)
         except OSError as exc:
