@@ -351,6 +351,7 @@ class Caller:
                              device.fingerprint if https else "")
         self.link: Optional[HttpLink] = None
         self.extra: List[HttpLink] = []  # our cancels on their way
+        self.requests = self.links = 0  # sent, and connections they took (the log says, for debugging)
 
     def new_link(self, connect_timeout: float) -> HttpLink:
         cfg = self.ctx.config
@@ -379,6 +380,8 @@ class Caller:
             except OSError as exc:  # no socket to be had (EMFILE)
                 out.on_reply(Reply(0, code="io-error", message=f"cannot open a connection: {exc.strerror}"))
                 return
+            self.links += 1
+        self.requests += 1
         self.link.request(dataclasses.replace(out, on_reply=on_reply))
 
     def cancel_remote(self, session_id: str) -> None:
@@ -396,6 +399,7 @@ class Caller:
         if self.link is not None:
             self.link.abort()
             self.link = None
+        log.debug("to %s: %d requests on %d connections", self.device.address, self.requests, self.links)
 
 
 def prepare_target(pin: Optional[str]) -> str:
