@@ -8,16 +8,18 @@ sockets."""
 from __future__ import annotations
 
 import filecmp
+import http.server
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from conftest import free_udp_port, random_file, wait_until
+from conftest import free_udp_port, next_address, random_file, wait_until
 from lsclient import INFO, Sender
 
 from tnet import tls, x509
@@ -338,3 +340,187 @@ def test_a_device_seen_twice_at_one_address_is_one_and_the_tnet_side_of_a_dual_d
     Targets(answering, FakeLocalSend([device("dual", "10.0.0.9", model="tnet")])).resolve(  # type: ignore[arg-type]
         "10.0.0.9", lambda a: got.append(f"tnet {a}"), got.append, lambda code, message: got.append(code))
     assert got == ["tnet 10.0.0.9"]
+
+
+# --- against a scripted device: statuses, a cancel mid-upload, a kept-alive connection closed ----------
+
+
+class FakeDevice:
+    """A LocalSend receiver scripted by the test (plain HTTP, Python's http.server), known to the
+    daemon by a register call from its own address. Records what it is asked."""
+
+    def __init__(self, address: str, daemon) -> None:
+        self.prepare_status, self.upload_status = 200, 200
+        self.hold_upload = False  # read a little of an upload, then wait for a cancel
+        self.close_after_prepare = False  # drop the kept-alive connection after answering prepare-upload
+        self.requests: List[tuple] = []  # (path, connection number)
+        self.uploads: Dict[str, bytes] = {}
+        self.cancelled = threading.Event()
+        self.connections = 0
+        device = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                device.connections += 1
+                self.number = device.connections
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                path = self.path.split("?")[0]
+                device.requests.append((self.path, self.number))
+                length = int(self.headers.get("Content-Length") or 0)
+                if path.endswith("/upload") and device.hold_upload:
+                    self.rfile.read(min(length, 65536))
+                    device.cancelled.wait(30)
+                    self.close_connection = True
+                    return
+                body = self.rfile.read(length)
+                if path.endswith("/prepare-upload"):
+                    ids = list(json.loads(body)["files"])
+                    answer = json.dumps({"sessionId": "S1", "files": {i: "T" + i for i in ids}}).encode()
+                    self.answer(device.prepare_status, answer if device.prepare_status == 200 else b"")
+                    self.close_connection = device.close_after_prepare
+                elif path.endswith("/upload"):
+                    device.uploads[self.path] = body
+                    self.answer(device.upload_status, b"")
+                else:
+                    self.answer(200, b"")
+                    if path.endswith("/cancel"):
+                        device.cancelled.set()
+
+            def answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        claim = dict(INFO, alias="fake", fingerprint="FAKE" * 8, port=self.port, protocol="http", deviceModel="Pixel")
+        status, _ = Sender(daemon.address, daemon.ls_port, daemon.https, source=address).call(
+            "POST", "/api/localsend/v2/register", json.dumps(claim))
+        assert status == 200
+
+    def paths(self) -> List[str]:
+        return [path.split("?")[0].rsplit("/", 1)[-1] for path, _ in self.requests]
+
+    def close(self) -> None:
+        self.cancelled.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(name="fake")
+def fake_device(ls_pair):
+    made: List[FakeDevice] = []
+
+    def make(**env: str):
+        alpha = ls_pair("alpha", https=False, **env)
+        made.append(FakeDevice(next_address(), alpha))
+        return alpha, made[-1]
+
+    yield make
+    for device in made:
+        device.close()
+
+
+@pytest.mark.parametrize("status, code, exit_code", [
+    (403, "declined", 5), (409, "busy", 5), (401, "pin-required", 5), (429, "refused", 5), (507, "no-space", 5),
+    (500, "peer-error", 1),
+])
+def test_what_a_refused_offer_is_called(fake, tmp_path, status, code, exit_code):
+    alpha, device = fake()
+    device.prepare_status = status
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    out = alpha.cli("send", "--json", "fake", str(note))
+    final = json_lines(out)[-1]
+    assert (out.returncode, final["code"]) == (exit_code, code), out.stdout
+    assert device.paths() == ["prepare-upload"]  # nothing to cancel: no session was made
+    assert alpha.cli("message", "fake", "hi").returncode == exit_code
+
+
+def test_a_file_the_receiver_cannot_verify_is_exit_7_and_the_session_is_cancelled(fake, tmp_path):
+    alpha, device = fake()
+    device.upload_status = 422
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    out = alpha.cli("send", "--json", "fake", str(note))
+    lines = json_lines(out)
+    assert out.returncode == 7 and lines[-1]["code"] == "verify-failed", out.stdout
+    assert [line["code"] for line in lines if line.get("event") == "file-failed"] == ["verify-failed"]
+    wait_until(lambda: device.paths() == ["prepare-upload", "upload", "cancel"], what="the cancel")
+    assert device.requests[-1][0] == "/api/localsend/v2/cancel?sessionId=S1"
+
+
+def test_tnet_cancel_mid_upload_tells_the_receiver(fake, tmp_path):
+    alpha, device = fake()
+    device.hold_upload = True
+    big = random_file(tmp_path / "big.bin", 16 * 1024 * 1024)
+    send = subprocess.Popen(alpha.cli_args("send", "--json", "fake", str(big)), env=alpha.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=alpha.dir)
+    transfer = wait_until(lambda: [t for t in alpha.request("transfers")[-1]["transfers"] if t["bytes"] > 0],
+                          what="the upload to be under way")[0]
+    assert (transfer["file"], transfer["file_size"], transfer["direction"]) == ("big.bin", 16 << 20, "out")
+    assert alpha.cli("cancel", transfer["id"]).returncode == 0
+    out, _ = send.communicate(timeout=60)
+    assert send.returncode == 8 and json.loads(out.splitlines()[-1])["code"] == "cancelled"
+    assert device.cancelled.wait(10)
+    assert device.requests[-1][0] == "/api/localsend/v2/cancel?sessionId=S1"
+
+
+def test_a_receiver_that_stops_reading_times_out(fake, tmp_path):
+    alpha, device = fake(IDLE_TIMEOUT="1")
+    device.hold_upload = True
+    big = random_file(tmp_path / "big.bin", 64 * 1024 * 1024)
+    out = alpha.cli("send", "--json", "fake", str(big))
+    final = json_lines(out)[-1]
+    assert (out.returncode, final["code"]) == (4, "timeout"), out.stdout
+    assert "took less than 4096 bytes in 1 s" in final["error"]
+    assert device.cancelled.wait(10)  # told, on a connection of its own
+
+
+def test_a_kept_alive_connection_the_receiver_closed_is_replaced(fake, tmp_path):
+    alpha, device = fake()
+    device.close_after_prepare = True
+    files = []
+    for n in range(3):
+        files.append(tmp_path / f"f{n}.txt")
+        files[-1].write_text(f"file {n}\n")
+    out = alpha.cli("send", "fake", *map(str, files))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert device.paths() == ["prepare-upload", "upload", "upload", "upload"]
+    assert [number for _, number in device.requests] == [1, 2, 2, 2]
+    assert sorted(device.uploads.values()) == [b"file 0\n", b"file 1\n", b"file 2\n"]
+
+
+# --- hashing, a slice at a time ------------------------------------------------------------------------
+
+
+def test_files_are_hashed_a_slice_per_step_and_a_change_is_seen(tmp_path):
+    import hashlib
+
+    from tnet.lssend import HASH_SLICE_BYTES, Hashes
+    from tnet.walk import walk_now
+
+    big = random_file(tmp_path / "big.bin", 2 * HASH_SLICE_BYTES + 10, seed=3)
+    (tmp_path / "empty").write_bytes(b"")
+    moving = tmp_path / "moving.txt"
+    moving.write_text("before")
+    entries, _ = walk_now([str(big), str(tmp_path / "empty"), str(moving)])
+    moving.write_text("after, longer")  # changed since the walk: not offered
+    hashes = Hashes(entries, memoryview(bytearray(1 << 20)))
+    steps = 1
+    while not hashes.step():
+        steps += 1
+    assert steps == 3  # the big file took three slices; the loop ran between them
+    assert hashes.sha256 == {0: hashlib.sha256(big.read_bytes()).hexdigest(), 1: hashlib.sha256(b"").hexdigest()}
+    assert list(hashes.changed) == [2] and "changed size since the walk" in hashes.changed[2]
+    assert hashes.fd == -1
