@@ -414,7 +414,7 @@ class Outgoing:
     """One request of ours: the head (framing fields included), then ``body``,
     or ``size`` bytes read from the descriptor ``fd`` at explicit offsets (its
     owner opens and closes it). ``timeout``: for the response once the request
-    is out; ``on_sent``: bytes of a file body that went."""
+    is out; ``on_sent``: bytes of the file body sent so far, as they go."""
 
     head: bytes
     on_reply: Callable[[Reply], None]
@@ -598,7 +598,7 @@ class HttpLink(HttpConn):
             self.moved = 0
             self.pushed_back()
         if out.on_sent is not None:
-            out.on_sent(count)
+            out.on_sent(self.sent)
         if self.sent == out.size and not self.closed:
             self.want_write(bool(self.out))
 

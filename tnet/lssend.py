@@ -52,7 +52,7 @@ from .outbound import Client
 from .peers import PROGRESS_INTERVAL_S, PeerContext
 from .sending import SendJob
 from .util import printable
-from .walk import Entries, Walk
+from .walk import MAX_SKIPPED_SHOWN, Entries, Walk
 
 log = logging.getLogger("tnet")
 
@@ -350,7 +350,6 @@ class Caller:
         self.server = Server(device.address, device.port, localsend.client_tls if https else None,
                              device.fingerprint if https else "")
         self.link: Optional[HttpLink] = None
-        self.extra: List[HttpLink] = []  # our cancels on their way
         self.requests = self.links = 0  # sent, and connections they took (the log says, for debugging)
 
     def new_link(self, connect_timeout: float) -> HttpLink:
@@ -386,12 +385,11 @@ class Caller:
 
     def cancel_remote(self, session_id: str) -> None:
         """POST cancel, on a link of its own (ours may be mid-body); its answer is not awaited by anyone."""
-        target = ls.CANCEL_PATH + (f"?sessionId={session_id}" if session_id else "")
+        target = ls.CANCEL_PATH + ("?sessionId=" + quote(session_id, safe="") if session_id else "")
         try:
             link = self.new_link(CANCEL_TIMEOUT_S)
         except OSError:
             return
-        self.extra.append(link)
         link.request(Outgoing(self.head(target, [("Content-Length", "0")]), lambda reply: link.close(),
                               timeout=CANCEL_TIMEOUT_S))
 
@@ -429,6 +427,7 @@ class Reporting:
         self.current = -1  # the entry in flight
         self.file_sent = 0
         self.bytes_moved = 0
+        self.bytes_before = 0  # moved before the file in flight
         self.total = entries.total
         self.started = self.loop.clock()
         self.progress_at = -math.inf
@@ -484,12 +483,16 @@ class Reporting:
         self.entry_line(index, event="file-failed", code=code, error=message)
 
     def skip_empty_folders(self, with_files: Set[int]) -> None:
-        """LocalSend carries files only: a folder with none below it cannot be made there."""
+        """LocalSend carries files, not folders: one with no file sent below it cannot be made there.
+        Said as the walk's skipped entries are: the first MAX_SKIPPED_SHOWN, then a count."""
         entries = self.entries
-        for index in range(len(entries)):
-            if entries.is_folder(index) and index not in with_files:
-                self.client.reply({"event": "skipped", "path": entries.local_path(index),
-                                   "reason": "a folder without files: LocalSend carries files only"})
+        empty = [i for i in range(len(entries)) if entries.is_folder(i) and i not in with_files]
+        for index in empty[:MAX_SKIPPED_SHOWN]:
+            self.client.reply({"event": "skipped", "path": entries.local_path(index),
+                               "reason": "no file in this folder is sent: LocalSend carries files, not folders"})
+        if len(empty) > MAX_SKIPPED_SHOWN:
+            self.client.reply({"event": "skipped", "path": "",
+                               "reason": f"and {len(empty) - MAX_SKIPPED_SHOWN} more such folders not shown"})
 
 
 def folders_above(entries: Entries, files: List[int]) -> Set[int]:
@@ -613,7 +616,7 @@ class LsSend(Reporting):
                 self.unsent = True
                 self.entry_failed(index, "file-changed", reason)
                 continue
-            self.fd, self.current, self.file_sent = fd, index, 0
+            self.fd, self.current, self.file_sent, self.bytes_before = fd, index, 0, self.bytes_moved
             self.report_progress(force=size >= PROGRESS_START_BYTES)
             name = entries.parts(index)[-1]
             head = self.caller.head(ls.upload_target(self.session, file_id, token),
@@ -625,9 +628,9 @@ class LsSend(Reporting):
         if not self.closed:
             self.complete()
 
-    def on_sent(self, count: int) -> None:
-        self.file_sent += count
-        self.bytes_moved += count
+    def on_sent(self, sent: int) -> None:
+        self.file_sent = sent  # of this upload: a request sent again starts over
+        self.bytes_moved = self.bytes_before + sent
         self.report_progress()
 
     def on_uploaded(self, index: int, reply: Reply) -> None:
