@@ -12,6 +12,9 @@ reset cannot destroy that answer.
 ``HttpClient`` is one request of ours to a LocalSend device: a non-blocking
 connect from BIND_ADDRESS, TLS with the device's fingerprint pinned, the
 request, a bounded response, one callback with a ``Reply``.
+``HttpLink`` carries our requests to one server one at a time on a kept-alive
+connection, each body from memory or streamed from a file (``sendfile`` in
+clear, a slice at a time through TLS), each response to its own callback.
 
 Knows HTTP framing and TLS, nothing of LocalSend's endpoints.
 """
