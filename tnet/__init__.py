@@ -8,12 +8,15 @@ The package, top to bottom; a module imports only modules below it
   accepts on them, refuses peers beyond the limits, stops cleanly.
 * ``commands``: what a local client may ask (``COMMANDS``), and the walk of
   a send's folders a slice per turn.
+* ``lssend``: sends and messages to LocalSend devices: which kind a peer
+  is, the files' hashes, prepare-upload and an upload per file.
 * ``lsdoor``: the LocalSend front door (LOCALSEND=1): the HTTP(S) listener's
   connections and their bounds, the endpoints, the identity and sockets.
 * ``lsfind`` / ``lsreceive``: LocalSend discovery (multicast, register, the
   devices seen); the files a LocalSend device sends, as a transfer.
 * ``httpconn``: HTTP/1.1 connections in the loop, in clear or over TLS, and
-  our own requests (``HttpClient``).
+  our own requests (``HttpClient``; ``HttpLink``, kept alive, bodies
+  streamed from files).
 * ``inbound`` / ``outbound``: the two ends of an exchange with another
   daemon, receiving files into the store, sending them with sendfile.
 * ``peers``: what both ends share (deadlines, backpressure, the lingering

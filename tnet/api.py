@@ -19,6 +19,7 @@ API_VERSION = 1  # of the local JSON API, §6
 MAX_LINE_BYTES = 1024 * 1024  # one request (a long list of paths)
 MAX_DISCOVER_TIMEOUT_S = 30.0  # a window longer than this is a mistake
 MAX_RECIPIENTS = 64  # peers of one send or message; a LAN's worth
+MAX_PIN_CHARS = 256  # a LocalSend PIN (§8.6) is a few digits; the app lets people type words
 MAX_RETRY_FOR_S = 7 * 24 * 3600.0  # a send that keeps trying for more than a week is forgotten, not patient
 
 # --- Requests (§6.1) ------------------------------------------------------------
@@ -72,8 +73,9 @@ REQUESTS: Dict[str, Dict[str, Tuple[Any, bool]]] = {
     "peers": {},
     # To one peer, several (``peers``), or every one a fresh discovery finds (``all``): one of the three.
     "send": {"peer": (str, False), "peers": (list, False), "all": (bool, False), "paths": (list, True),
-             "retry_for": (_NUMBER, False)},
-    "message": {"peer": (str, False), "peers": (list, False), "all": (bool, False), "text": (str, True)},
+             "retry_for": (_NUMBER, False), "pin": (str, False)},
+    "message": {"peer": (str, False), "peers": (list, False), "all": (bool, False), "text": (str, True),
+                "pin": (str, False)},
     "transfers": {},
     "cancel": {"id": (str, True)},
     "accept": {"id": (str, True)},
@@ -131,6 +133,12 @@ def _check_text(cmd: str, obj: Dict[str, Any]) -> None:
         raise RemoteProtocolError("message-too-large", f"a message is at most {MAX_MESSAGE_BYTES} bytes")
 
 
+def _check_pin(cmd: str, obj: Dict[str, Any]) -> None:
+    pin = obj.get("pin")
+    if pin is not None and not (0 < len(pin) <= MAX_PIN_CHARS and pin.isprintable()):
+        raise RemoteProtocolError("bad-request", f"{cmd}: 'pin' is 1 to {MAX_PIN_CHARS} printable characters")
+
+
 def _check_numbers(cmd: str, obj: Dict[str, Any]) -> None:
     if "retry_for" in obj and not 0 <= obj["retry_for"] <= MAX_RETRY_FOR_S:
         raise RemoteProtocolError("bad-request", f"retry_for must be 0 to {MAX_RETRY_FOR_S:g} s")
@@ -144,8 +152,8 @@ def _check_numbers(cmd: str, obj: Dict[str, Any]) -> None:
 
 # Command -> the checks beyond types, in order.
 _CHECKS: Dict[str, Tuple[Callable[[str, Dict[str, Any]], None], ...]] = {
-    "send": (_check_targets, _check_paths, _check_numbers),
-    "message": (_check_targets, _check_text),
+    "send": (_check_targets, _check_paths, _check_numbers, _check_pin),
+    "message": (_check_targets, _check_text, _check_pin),
     "discover": (_check_numbers,),
     "history": (_check_numbers,),
 }

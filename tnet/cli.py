@@ -59,6 +59,10 @@ EXIT_BY_CODE = {
     "file-changed": EXIT_VERIFY,
     "shutdown": EXIT_UNREACHABLE,
     "cancelled": EXIT_CANCELLED,
+    # A LocalSend device's (§8.6)
+    "pin-required": EXIT_REFUSED,
+    "tls-failed": EXIT_UNREACHABLE,
+    "fingerprint-mismatch": EXIT_UNREACHABLE,
 }
 
 EPILOG = """\
@@ -343,6 +347,10 @@ def recipients(args: argparse.Namespace) -> Dict[str, Any]:
     return {"peer": peers[0]} if len(peers) == 1 else {"peers": peers}
 
 
+def pin(args: argparse.Namespace) -> Dict[str, str]:
+    return {} if args.pin is None else {"pin": args.pin}
+
+
 def positional(args: argparse.Namespace, rest: List[str]) -> List[str]:
     """With --all there is no PEER: what argparse took for one is the first of the rest."""
     return [args.peer] + rest if args.all else rest
@@ -353,7 +361,7 @@ def cmd_message(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> i
     if len(given) != 1:
         raise CliError("give one message (- reads it from standard input)", EXIT_USAGE, "usage")
     text = sys.stdin.read() if given[0] == "-" else given[0]
-    *_, last = request(env, "message", text=text, **recipients(args))
+    *_, last = request(env, "message", text=text, **recipients(args), **pin(args))
     answer = last[-1]
     if args.json:
         print_json(answer, out)
@@ -393,8 +401,8 @@ def cmd_send(args: argparse.Namespace, env: Dict[str, str], out: TextIO) -> int:
     started: Dict[str, Any] = {}  # the "started" answer: the transfer id, for Ctrl-C
     try:
         retry_for = 0.0 if args.no_retry else args.retry_for
-        answer = show_send(request(env, "send", paths=paths, retry_for=retry_for, **recipients(args)), args, out,
-                           started)
+        answer = show_send(request(env, "send", paths=paths, retry_for=retry_for, **recipients(args), **pin(args)),
+                           args, out, started)
     except KeyboardInterrupt:
         # Our connection is closed now, which cancels the transfer; say so
         # explicitly too, for a daemon that has not noticed yet.
@@ -708,6 +716,7 @@ def add_peer_commands(sub: Any) -> None:
     p.add_argument("--retry-for", type=float, default=120.0, metavar="S",
                    help="when the link breaks, try again (resuming) for up to S seconds (120)")
     p.add_argument("--no-retry", action="store_true", help="fail at once when the link breaks")
+    add_pin(p)
     p = add_command(sub, "message", cmd_message, "send a short message (UTF-8, at most 64 KiB)",
             "tnet message laptop 'lunch?'",
             "tnet message --all 'back in 5'",
@@ -715,6 +724,12 @@ def add_peer_commands(sub: Any) -> None:
     p.add_argument("peer", metavar="PEER[,PEER...]", help="IPv4 address or host name, or several, comma-separated")
     p.add_argument("text", nargs="?", help="the message; - reads it from standard input")
     p.add_argument("--all", action="store_true", help="to every peer a fresh discovery finds (then give no PEER)")
+    add_pin(p)
+
+
+def add_pin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pin", metavar="PIN", help="the PIN a LocalSend device asks for (LOCALSEND=1; tnet daemons "
+                   "ask for none)")
 
 
 def add_local_commands(sub: Any) -> None:

@@ -4,8 +4,10 @@ Each handler gets the ``Services`` (the parts of the daemon it may use), the
 client and the request's checked arguments; it answers with
 ``client.finish``/``client.fail`` at once or later (a discovery window, a
 transfer), and raises ``LocalProtocolError`` to refuse. A send is a
-``sending.SendJob``: the walk, then its attempts. The history (``recorder``)
-is shown the answers of sends and messages.
+``sending.SendJob``: the walk, then its attempts; with LOCALSEND=1 an
+``lssend.LsSendJob``, whose peer may be a LocalSend device (``lssend.Targets``
+decides), as a message's may. The history (``recorder``) is shown the
+answers of sends and messages.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from .discovery import DEFAULT_DISCOVER_S, Discovery, Found, PeerRecord
 from .inbound import InboundPeer
 from .loop import Loop
 from .lsdoor import LocalSend
+from .lsfind import Device
 from .lsreceive import LsReceive
+from .lssend import LsMessage, LsSendJob, Targets
 from .outbound import OutboundPeer
 from .peers import PeerContext, Transfer
 from .recorder import HistoryJob, Recorder
@@ -120,6 +124,7 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
 
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     first = proto.Message(services.config.host_name, args["text"])
+    targets = Targets(services.discovery, services.localsend)
 
     def message_to(peer: str, to: Any) -> Any:
         noted = Noted(to, services.recorder.outgoing_message(peer, args["text"]))
@@ -128,7 +133,12 @@ def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) ->
             noted.note.address = address
             open_peer(services, noted, address, first)
 
-        services.discovery.resolve(peer, deliver, noted.fail)
+        def to_device(device: Device) -> None:
+            noted.note.address = device.address
+            if not noted.closed and services.localsend is not None:
+                LsMessage(services.peers, services.localsend, device, args["text"], noted, args.get("pin")).start()
+
+        targets.resolve(peer, deliver, to_device, noted.fail)
         return noted
 
     to_targets(services, client, args, message_to)
@@ -165,9 +175,16 @@ class Noted:
 
 def cmd_send(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     retry_for = float(args.get("retry_for", DEFAULT_RETRY_FOR_S))
+    localsend = services.localsend
+    targets = Targets(services.discovery, localsend)
 
     def send_to(peer: str, to: Any) -> SendJob:
-        job = SendJob(services.peers, services.discovery, to, Walk(args["paths"]), peer, retry_for)
+        walk = Walk(args["paths"])
+        if localsend is None:
+            job = SendJob(services.peers, services.discovery, to, walk, peer, retry_for)
+        else:  # the peer may be a LocalSend device
+            job = LsSendJob(services.peers, services.discovery, to, walk, peer, retry_for, targets, localsend,
+                            args.get("pin"))
         services.loop.each_turn(job, job.step)
         return job
 
@@ -185,9 +202,14 @@ def to_targets(services: Services, client: ClientConn, args: Dict[str, Any], sta
         fan.start(list(dict.fromkeys(args["peers"])))
         return
 
+    started = services.loop.clock()
+    if services.localsend is not None:
+        services.localsend.announce()
+
     def found(peers: Found) -> None:
-        if not client.closed:
-            fan.start(sorted(peers))  # by address: names may be shared
+        if not client.closed:  # by address: names may be shared; a tnet daemon's LocalSend side is the daemon
+            devices = services.localsend.devices(started) if services.localsend is not None else []
+            fan.start(sorted(set(peers) | {d.address for d in devices}))
 
     services.discovery.discover(DEFAULT_DISCOVER_S, found)
 

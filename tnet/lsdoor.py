@@ -524,7 +524,8 @@ class LocalSend:
     """The daemon's LocalSend peer (LOCALSEND=1). Methods for the daemon:
     ``open`` (the identity and both sockets), ``start``, ``on_listener``
     (new connections), ``on_datagrams``, ``close``; for commands: ``announce``,
-    ``devices``, ``status``."""
+    ``devices``, ``status``; for sends (``lssend``): ``info``, ``client_tls``,
+    ``buffers``, ``sending``."""
 
     def __init__(self, ctx: PeerContext) -> None:
         self.ctx = ctx
@@ -533,6 +534,10 @@ class LocalSend:
         self.identity: Optional[tls.LocalIdentity] = None
         self.door: Optional[Door] = None
         self.finder: Optional[Finder] = None
+        # For our sends to LocalSend devices (lssend): who we say we are, the TLS we speak, the sends under way.
+        self.info = ls.DeviceInfo(alias=ctx.config.alias, fingerprint="")
+        self.client_tls: Optional[ssl.SSLContext] = None
+        self.sending: Set[Any] = set()
 
     def open(self, now: float) -> Tuple[socket.socket, socket.socket]:
         """The identity, then the TCP listener and the multicast socket; StartError if not."""
@@ -547,9 +552,10 @@ class LocalSend:
             raise StartError(f"LOCALSEND=1: {exc}") from None
         except proto.LocalProtocolError as exc:
             raise StartError(f"LOCALSEND_ALIAS={cfg.alias!r}: {exc.message}") from None
-        self.identity = identity
+        self.identity, self.info = identity, info
         server = tls.server_context(identity) if identity.https else None
-        client = tls.client_context(identity) if identity.https else None
+        self.client_tls = tls.client_context(identity)
+        client = self.client_tls if identity.https else None
         self.finder = Finder(self.ctx.loop, cfg, info, self.buffers, client)
         self.door = Door(self.ctx, info, server, self.buffers, self.finder.learn)
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -606,6 +612,8 @@ class LocalSend:
                 "connections": len(self.door.conns) if self.door else 0}
 
     def close(self) -> None:
+        for send in list(self.sending):
+            send.fail("shutdown", f"{self.config.host_name} is shutting down")
         if self.door is not None:
             self.door.close()
         if self.finder is not None:

@@ -77,7 +77,11 @@ class SendJob:
             self.ctx.loop.done(self)
             self.report_skipped()
             self.answered_entries = bytearray(len(self.walk.entries))
-            self.discovery.resolve(self.peer, self.first_attempt, self.fail_for_good)
+            self.resolve()
+
+    def resolve(self) -> None:
+        """Find the peer, then the first attempt. A hook: a LocalSend device may be found instead (lssend)."""
+        self.discovery.resolve(self.peer, self.first_attempt, self.fail_for_good)
 
     def report_skipped(self) -> None:
         walk = self.walk

@@ -208,8 +208,14 @@ def server_context(identity: LocalIdentity) -> ssl.SSLContext:
 
 
 def client_context(identity: LocalIdentity) -> ssl.SSLContext:
-    """Presents our certificate when asked; the server's is pinned by fingerprint, not verified."""
-    context = _context(ssl.PROTOCOL_TLS_CLIENT, identity)
+    """Presents our certificate when asked; the server's is pinned by fingerprint, not verified.
+    In HTTP mode (no certificate of ours) it presents none: a server that requires one refuses it."""
+    if identity.https:
+        context = _context(ssl.PROTOCOL_TLS_CLIENT, identity)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(ALPN)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
