@@ -87,7 +87,8 @@ def test_an_edited_partial_or_record_is_not_resumed_and_nothing_corrupt_lands(ne
         send_partial(b, "alpha", f, 2 * MiB)
         [part] = wait_until(lambda: list(keep_folder(b).glob("*.part")), what="the partial kept")
         record = part.with_suffix(".json")
-        wait_until(lambda: json.loads(record.read_text()).get("kept") == 2 * MiB, what="its record written")
+        wait_until(lambda record=record: json.loads(record.read_text()).get("kept") == 2 * MiB,
+                   what="its record written")
         if edit == "partial":
             with open(part, "r+b") as held:
                 held.write(b"tampered")
