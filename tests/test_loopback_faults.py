@@ -363,7 +363,7 @@ def test_sigterm_on_the_receiver_tells_the_sending_cli(net, tmp_path):
             cli.kill()
     assert cli.returncode != 0 and "shutdown" in stderr and "bravo" in stderr, stderr
     # What arrived is kept for a resume (§7), out of sight: nothing else is left.
-    assert [n for n in b.temp_files() if not n.startswith(".tnet-keep/")] == [] and os.listdir(b.downloads) == []
+    assert [n for n in b.temp_files() if not n.startswith(".tnet-keep-")] == [] and os.listdir(b.downloads) == []
     assert not os.path.exists(b.command_socket)
     b.start()
     small_transfer_works(a, b, tmp_path)

@@ -77,7 +77,7 @@ def test_a_partial_of_another_sender_or_another_version_of_the_file_is_not_used(
 
 
 def keep_folder(daemon) -> Path:
-    return daemon.temp / ".tnet-keep"
+    return daemon.temp / f".tnet-keep-{os.geteuid()}"
 
 
 def test_an_edited_partial_or_record_is_not_resumed_and_nothing_corrupt_lands(net, tmp_path):

@@ -160,6 +160,27 @@ def test_a_removed_save_or_temp_dir_is_made_again(tmp_path):
     assert (tmp_path / "save" / "a.txt").read_bytes() == b"back"
 
 
+def test_copies_begun_before_the_save_dir_was_made_again_leave_the_new_staging_folder_alone(tmp_path):
+    s = opened(tmp_path)
+    old = [s.new_batch().start_copy(temp_with(s, b"old %d" % n), (f"old{n}.txt",)) for n in range(2)]
+    for copy in old:
+        copy.step()  # both copy into the staging folder in FILE_SAVE_DIR
+    save = tmp_path / "save"
+    os.rename(save, tmp_path / "removed")
+    save.mkdir()
+    s.check_folders()
+    new = s.new_batch().start_copy(temp_with(s, b"new"), ("new.txt",))
+    new.step()
+    for copy in old:  # they fail with their folder gone; the newer staging folder is not theirs to remove
+        copy.abandon()
+    assert [name for name in os.listdir(save) if name.startswith(WORK_PREFIX)]
+    assert part_files(tmp_path / "removed") == []  # theirs was emptied, wherever it went
+    while not new.step():
+        pass
+    assert (save / "new.txt").read_bytes() == b"new"
+    assert os.listdir(save) == ["new.txt"]  # the last copy out removed the staging folder
+
+
 def test_leftovers_of_a_killed_daemon_go_and_nothing_else(tmp_path):
     """F7: a daemon's temp files live in its locked work folder; a later
     daemon removes a folder whose lock is free, and nothing else."""

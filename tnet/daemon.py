@@ -102,16 +102,10 @@ class Daemon:
             raise StartupError(f"STATE_DIR={cfg.state_dir}: {exc}") from None
         try:
             self.store.open(time.time())
-            if cfg.resume_keep_s:
-                self.peers.keep = Keep(self.store.temp, cfg.resume_keep_s, time.time)
-                files, size = self.peers.keep.open()
-                if files:
-                    log.info("removed %d expired or unreadable partial files (%d bytes) kept for resume", files, size)
         except StoreError as exc:
             raise StartupError(str(exc)) from None
-        except OSError as exc:
-            raise StartupError(f"TEMP_DIR={cfg.temp_dir}: cannot keep partial files for resume: {exc.strerror}") \
-                from None
+        if cfg.resume_keep_s:
+            self.open_keep(cfg.resume_keep_s)
         pools = 2 if cfg.localsend else 1  # the LocalSend door counts its connections apart
         ensure_descriptors(DESCRIPTORS_PER_CONNECTION * cfg.max_connections * pools + 64)
         if self.store.other_file_system():
@@ -145,6 +139,19 @@ class Daemon:
         if cfg.peers:
             log.info("discovery also asks %s", ", ".join(f"{address}:{port}" for address, port in cfg.peers))
         log.info("history in %s (at most %d entries)", self.recorder.history.path, cfg.history_max)
+
+    def open_keep(self, keep_s: float) -> None:
+        """Resume's partial files; without them the daemon still serves, and says why not."""
+        keep = Keep(self.store.temp, keep_s, time.time)
+        try:
+            files, size = keep.open()
+        except OSError as exc:
+            log.warning("TEMP_DIR=%s: cannot keep partial files for resume, so a cut transfer starts over: %s",
+                        self.config.temp_dir, exc.strerror)
+            return
+        self.peers.keep = keep
+        if files:
+            log.info("removed %d expired or unreadable partial files (%d bytes) kept for resume", files, size)
 
     def open_localsend(self, tcp: socket.socket, udp: socket.socket) -> Tuple[Tuple[socket.socket, Callable], ...]:
         """LOCALSEND=1: its sockets, each with what to do when it is readable;

@@ -242,6 +242,20 @@ def offer_refusal(ctx: PeerContext, address: str, offer: proto.Offer) -> Optiona
     return None
 
 
+def take_over_batch(ctx: PeerContext, newer: "InboundPeer", offer: proto.Offer) -> Tuple[Dict[str, str], Dict]:
+    """What earlier attempts of the batch made (``Keep.batch_state``). A
+    sender tries again when its link broke, and this end may not have seen
+    the break yet: such an attempt ends first, keeping what it got, so that
+    the newer one resumes it (§7)."""
+    assert ctx.keep is not None
+    for conn in list(ctx.registry.inbound.get(newer.address, ())):
+        older = getattr(conn, "offer", None)
+        if conn is not newer and not conn.closed and older is not None and older.batch == offer.batch \
+                and conn.peer_name == offer.name:
+            conn.drop("peer-gone", "the sender tried again: a newer attempt of the same batch replaced this one")
+    return ctx.keep.batch_state(offer.name, offer.batch)
+
+
 class InboundPeer(PeerConn):
     """A connection a peer opened to us: an announce, a message or a batch."""
 
@@ -296,7 +310,7 @@ class InboundPeer(PeerConn):
             self.fail(*refusal)
             return
         if event.batch and ctx.keep is not None:  # an attempt after a dropped link: where the first put things
-            self.intake.continue_batch(*ctx.keep.batch_state(event.name, event.batch))
+            self.intake.continue_batch(*take_over_batch(ctx, self, event))
         self.id = ctx.new_transfer_id()
         ctx.registry.transfers[self.id] = self
         if cfg.accept == "ask":

@@ -1,7 +1,8 @@
 """Partial files kept for resume (§7), and the batches they belong to.
 
 When an exchange breaks in the middle of a file that may be resumed, the
-bytes that arrived stay in ``TEMP_DIR/.tnet-keep/`` (mode 0700) as
+bytes that arrived stay in ``TEMP_DIR/.tnet-keep-<uid>/`` (mode 0700, this
+user's alone, else not used) as
 ``<key>.part`` beside a small record ``<key>.json``: who sent it (host name
 and address), its path in the batch, its size and the sender's modification
 time, how many bytes are kept and their SHA-256. The key is a hash of the
@@ -36,7 +37,7 @@ from .store import Root, TempFile, close_quietly, lock, open_folder, unlink_quie
 
 log = logging.getLogger("tnet")
 
-KEEP_DIR = ".tnet-keep"
+KEEP_PREFIX = ".tnet-keep-"  # + the user id: TEMP_DIR may be a /tmp others write in too
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a partial's record is a few hundred bytes; a batch's, its folders and files
 MAX_BATCH_SAVED = 20_000  # files of a batch remembered as saved; more may be saved twice after a dropped link
@@ -94,13 +95,23 @@ class Keep:
         self.fd = -1
 
     def open(self) -> Tuple[int, int]:
-        """Make or open the folder; remove what expired. (files, bytes) removed."""
+        """Make or open the folder; remove what expired. (files, bytes)
+        removed. OSError if the folder there is not ours alone (another user
+        may have made it first in a shared TEMP_DIR: it is then not used)."""
         close_quietly(self.fd)
+        self.fd = -1
+        name = keep_dir_name()
         try:
-            os.mkdir(KEEP_DIR, 0o700, dir_fd=self.root.fd)
+            os.mkdir(name, 0o700, dir_fd=self.root.fd)
         except FileExistsError:
             pass
-        self.fd = open_folder(KEEP_DIR, self.root.fd)
+        fd = open_folder(name, self.root.fd)
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            os.close(fd)
+            raise OSError(errno.EPERM, f"{name} in TEMP_DIR is not this user's alone (mode "
+                                       f"{stat.S_IMODE(info.st_mode):04o}); not keeping partial files there")
+        self.fd = fd
         return self.clean()
 
     def ensure(self) -> None:
@@ -132,9 +143,16 @@ class Keep:
             return None
         try:
             lock(fd)
-        except OSError:
+            return self.claimed(fd, key, want, address)
+        except OSError as exc:
             os.close(fd)
-            return None  # being written right now by another transfer
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                log.warning("cannot keep files for resume in TEMP_DIR: %s", exc.strerror)
+            return None  # being written right now by another transfer, or unusable
+
+    def claimed(self, fd: int, key: str, want: Dict[str, Any], address: str) -> KeptFile:
+        """The partial locked for us: kept on, or emptied if it does not match."""
+        size = want["size"]
         record, note = self.read_record(key), ""
         held = os.fstat(fd).st_size
         if held and (record is None or {k: record.get(k) for k in want} != want or self.expired(record)):
@@ -155,11 +173,14 @@ class Keep:
 
     def read_record(self, key: str) -> Optional[Dict[str, Any]]:
         try:
-            fd = os.open(key + ".json", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd)
+            # Non-blocking: a FIFO in its place would hold the loop. Only a regular file is read.
+            fd = os.open(key + ".json", os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd)
         except OSError:
             return None
         try:
-            data = os.read(fd, MAX_RECORD_BYTES + 1)
+            data = os.read(fd, MAX_RECORD_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        except OSError:
+            data = b""
         finally:
             os.close(fd)
         try:
@@ -228,27 +249,49 @@ class Keep:
 
     def batch_state(self, sender: str, batch: str) -> Tuple[Dict[str, str], Dict[str, Any]]:
         """What an earlier attempt of ``batch`` made: its top folders (as sent
-        -> as saved) and the files it saved (path -> [saved path, size, sha256])."""
+        -> as saved) and the files it saved (path -> [saved path, size,
+        sha256]). A record is read as the claim it is: a name that is not one
+        safe file name is dropped, never used as a path."""
         record = self.read_record(batch_key(sender, batch))
         if record is None or self.expired(record) or record.get("sender") != sender:
             return {}, {}
         tops, saved = record.get("tops"), record.get("saved")
-        tops = {k: v for k, v in tops.items() if isinstance(k, str) and isinstance(v, str)} \
-            if isinstance(tops, dict) else {}
-        return tops, saved if isinstance(saved, dict) else {}
+        good_tops = {k: v for k, v in tops.items() if safe_name(k) and safe_name(v)} if isinstance(tops, dict) else {}
+        good_saved = {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, list) and len(v) == 3
+                      and isinstance(v[0], str) and isinstance(v[1], int) and isinstance(v[2], str)} \
+            if isinstance(saved, dict) else {}
+        return good_tops, good_saved
 
     def keep_batch(self, sender: str, batch: str, tops: Dict[str, str], saved: Dict[str, Any]) -> None:
         if not tops and not saved:
             return
-        record = {"v": RECORD_VERSION, "sender": sender, "tops": dict(list(tops.items())[:MAX_BATCH_TOPS]),
-                  "saved": dict(list(saved.items())[:MAX_BATCH_SAVED]), "time": self.wall()}
-        try:
-            write_record(self.fd, batch_key(sender, batch) + ".json", record)
-        except OSError as exc:
-            log.warning("cannot keep a batch's folders for resume: %s", exc.strerror)
+        files = list(saved.items())[:MAX_BATCH_SAVED]
+        while True:  # the folders always; as many of the files as fit in a record
+            record = {"v": RECORD_VERSION, "sender": sender, "tops": dict(list(tops.items())[:MAX_BATCH_TOPS]),
+                      "saved": dict(files), "time": self.wall()}
+            try:
+                write_record(self.fd, batch_key(sender, batch) + ".json", record)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EFBIG or not files:
+                    log.warning("cannot keep a batch's folders for resume: %s", exc.strerror)
+                    return
+                files = files[:len(files) // 2]
 
     def forget_batch(self, sender: str, batch: str) -> None:
         unlink_quietly(batch_key(sender, batch) + ".json", self.fd)
+
+
+def keep_dir_name() -> str:
+    return f"{KEEP_PREFIX}{os.geteuid()}"
+
+
+def safe_name(name: Any) -> bool:
+    try:
+        proto.check_file_name(name)
+    except proto.RemoteProtocolError:
+        return False
+    return True
 
 
 def batch_key(sender: str, batch: str) -> str:

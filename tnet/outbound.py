@@ -187,6 +187,8 @@ class FileSender:
         """One sendfile (or read and queue) of the file in flight; the bytes
         that went, each hashed. OSError from the socket; BlockingIOError: later."""
         count = min(SEND_CHUNK_BYTES, self.size - self.sent)
+        if count == 0:  # resumed at its very end: nothing is left but the file's end
+            return 0
         if self.use_sendfile:
             try:
                 sent = os.sendfile(sock.fileno(), self.fd, self.sent, count)
@@ -251,6 +253,7 @@ class OutboundPeer(PeerConn):
 
     kind = "outbound"
     role = proto.Role.INITIATOR
+    AFTER_AN_ERROR = (proto.Error, proto.Done, proto.Failed)  # answers before it still count
 
     def __init__(self, ctx: PeerContext, address: str, first: Any, client: Optional[Client] = None,
                  entries: Optional[Entries] = None, order: Optional[Sequence[int]] = None,
@@ -335,9 +338,8 @@ class OutboundPeer(PeerConn):
             self.flush()
 
     def pump(self) -> None:
-        """Queue frames and small files up to a buffer's worth, then let the
-        kernel send big files straight from the page cache; a bounded amount
-        per wake-up, so that one fast peer does not starve the others."""
+        """Frames and small files up to a buffer's worth, then big files by sendfile from the page cache;
+        a bounded amount per wake-up, so that one fast peer does not starve the others."""
         budget = SEND_CHUNK_BYTES
         while self.streaming and not self.closed and budget > 0 and len(self.out) < MAX_OUT_BUFFER_BYTES:
             if self.sender.waiting:

@@ -107,6 +107,7 @@ class PeerConn(Conn):
 
     kind = "peer"
     role = proto.Role.ACCEPTOR
+    AFTER_AN_ERROR: Tuple[type, ...] = (proto.Error,)  # what is still handled of a read that ends in one
 
     def __init__(self, ctx: PeerContext, sock: socket.socket, address: str) -> None:
         super().__init__(ctx.loop, sock)
@@ -160,12 +161,15 @@ class PeerConn(Conn):
             self.close()  # a close the exchange allows: after a message, an announce, a whole batch
 
     def handle(self, events: Any) -> None:
+        # A read that ends in the peer's error frame: no answer can follow it (§4.3).
+        ended = self.exchange.state is proto.State.CLOSED
         self.batching = True  # answers to these events leave in one write, below
         try:
             for event in events:
                 if self.closed or self.lingering:
                     return
-                self.on_event(event)
+                if not ended or isinstance(event, self.AFTER_AN_ERROR):
+                    self.on_event(event)
         finally:
             self.batching = False
         if self.out and not self.closed:
@@ -191,11 +195,9 @@ class PeerConn(Conn):
         super().close()
 
     def touch(self, moved: int = MIN_PROGRESS_BYTES) -> None:
-        """The exchange moved ``moved`` bytes (no count: an answer, a decision,
-        work of ours). Each MIN_PROGRESS_BYTES of them push the idle deadline
-        back, so a peer that trickles a byte now and then is dropped all the
-        same. Until the peer has opened the exchange, the handshake deadline
-        stands, however it trickles."""
+        """The exchange moved ``moved`` bytes (no count: an answer, a decision, work of ours). Each
+        MIN_PROGRESS_BYTES push the idle deadline back: a trickle does not. Until the peer has opened
+        the exchange, the handshake deadline stands, however it trickles."""
         if self.lingering or not self.exchange.opened:
             return
         self.moved_since_touch += moved
@@ -317,18 +319,12 @@ class PeerConn(Conn):
 
     def describe(self) -> Dict[str, Any]:
         """What `tnet transfers` shows of this transfer (§6.1)."""
-        return {
-            "id": self.id,
-            "direction": "in" if self.role is proto.Role.ACCEPTOR else "out",
-            "peer": self.address,
-            "name": self.peer_name,
-            "file": self.current,
-            "bytes": self.bytes_moved,
-            "size": self.total,
-            "file_bytes": self.bytes_moved - self.current_from if self.current else 0,
-            "file_size": self.current_size if self.current else 0,
-            "seconds": round(self.loop.clock() - self.started, 3),
-        }
+        in_flight = bool(self.current)
+        return {"id": self.id, "direction": "in" if self.role is proto.Role.ACCEPTOR else "out",
+                "peer": self.address, "name": self.peer_name, "file": self.current, "bytes": self.bytes_moved,
+                "size": self.total, "file_bytes": self.bytes_moved - self.current_from if in_flight else 0,
+                "file_size": self.current_size if in_flight else 0,
+                "seconds": round(self.loop.clock() - self.started, 3)}
 
     def start_file(self, name: str, size: int) -> None:
         """A file of the batch is now in flight (for describe and progress)."""

@@ -31,6 +31,7 @@ log = logging.getLogger("tnet")
 # A transfer that fails thus is tried again: the link, not the files, was the trouble.
 RETRY_CODES = {"peer-gone", "timeout", "io-error", "unreachable", "truncated", "shutdown", "busy"}
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # before the second, third ... attempt; then the last, again
+SAVED, FAILED = 1, 2  # how the receiver answered an entry; 0 while it has not
 DEFAULT_RETRY_FOR_S = 120.0
 
 
@@ -49,7 +50,7 @@ class SendJob:
         self.batch = os.urandom(16).hex()
         self.version = proto.VERSION
         self.id = ""
-        self.answered_entries = bytearray()  # per entry of the batch: 1 once the receiver answered it
+        self.answered_entries = bytearray()  # per entry of the batch: SAVED or FAILED once the receiver answered it
         self.failures: List[tuple] = []  # (code, message) of entries that failed for good
         self.attempt: Optional[OutboundPeer] = None
         self.last_order: List[int] = []
@@ -110,7 +111,7 @@ class SendJob:
         entries = self.walk.entries
         order = [i for i, done in enumerate(self.answered_entries) if not done]
         if self.attempts:  # what the receiver has already, it does not get again
-            self.resumed_bytes += sum(entries.size(i) for i in self.last_order if self.answered_entries[i])
+            self.resumed_bytes += sum(entries.size(i) for i in self.last_order if self.answered_entries[i] == SAVED)
         self.last_order = order
         first = proto.Offer(self.ctx.config.host_name, len(order), sum(entries.size(i) for i in order),
                             self.batch if self.version >= 2 else "")
@@ -129,23 +130,31 @@ class SendJob:
         index = obj.pop("index", None)
         if index is not None:
             self.streak_since = math.inf  # the batch moved
-            self.answered_entries[index] = 1
+            self.answered_entries[index] = SAVED
             if obj.get("event") == "file-failed":
+                self.answered_entries[index] = FAILED
                 self.failures.append((obj["code"], obj["error"]))
         self.client.reply(obj)
 
     def finish(self, summary: Dict[str, Any]) -> None:
         self.take_resumed()
-        if self.end():
+        if self.failures:  # files an earlier attempt had answered as failed
+            self.fail_with_failures(summary)
+        elif self.end():
             self.client.finish(self.summary(summary))
+
+    def fail_with_failures(self, summary: Dict[str, Any]) -> None:
+        code, message = self.failures[0]
+        if self.end():
+            self.client.fail(code, f"{len(self.failures)} of {len(self.walk.entries)} failed; first: {message}",
+                             **self.summary(summary))
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
         moved = self.take_resumed()
-        if extra:  # the attempt reached its end, with files that failed: for good
-            code, message = self.failures[0] if self.failures else (code, message)
-            if self.end():
-                self.client.fail(code, f"{len(self.failures)} of {len(self.walk.entries)} failed; first: {message}",
-                                 **self.summary(extra))
+        if extra and self.failures:  # the attempt reached its end, with files that failed: for good
+            self.fail_with_failures(extra)
+        elif extra:
+            self.fail_for_good(code, message)
         elif code == "unsupported-version" and self.version > proto.MIN_VERSION:
             log.info("%s speaks wire protocol version %d only: sending again without resume", self.address,
                      proto.MIN_VERSION)

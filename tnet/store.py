@@ -172,6 +172,7 @@ class WorkDir:
             os.close(self.fd)
             raise
         self.serial = 0
+        self.users = 0  # copies using it (a staging folder), which remove it after the last
 
     def alive(self) -> bool:
         """False once someone removed the folder (rm -r TEMP_DIR)."""
@@ -188,11 +189,18 @@ class WorkDir:
                 continue  # not ours to reuse
 
     def remove(self) -> None:
-        """At a clean stop: the folder and what is left in it."""
+        """At a clean stop: the folder and what is left in it. Once."""
+        if self.fd < 0:
+            return
         empty_folder(self.fd)
+        ours = os.fstat(self.fd)
         close_quietly(self.lock_fd)
         close_quietly(self.fd)
+        self.fd = self.lock_fd = -1
         try:
+            # Its root may have been removed and made again: the name there may be a newer folder's.
+            if not os.path.samestat(os.stat(self.name, dir_fd=self.root.fd, follow_symlinks=False), ours):
+                return
             os.rmdir(self.name, dir_fd=self.root.fd)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -273,7 +281,6 @@ class Store:
         self.token = token
         self.work: Optional[WorkDir] = None  # in TEMP_DIR
         self.staging: Optional[WorkDir] = None  # in FILE_SAVE_DIR, while copies from another file system run
-        self.staging_users = 0
         umask = os.umask(0)
         os.umask(umask)
         self.file_mode = 0o666 & ~umask
@@ -323,9 +330,8 @@ class Store:
         were removed meanwhile), or LocalProtocolError saying which and why."""
         if not self.temp.ensure() or self.work is None or not self.work.alive():
             self.work = self.new_work_dir(self.temp)
-        if not self.save.ensure() and self.staging is not None:
+        if not self.save.ensure():
             self.staging = None  # gone with the folder; the copies using it fail, a new one is made as needed
-            self.staging_users = 0
 
     def new_work_dir(self, root: Root) -> WorkDir:
         try:
@@ -360,14 +366,15 @@ class Store:
         stays in the downloads folder."""
         if self.staging is None:
             self.staging = WorkDir(self.save, self.token)
-        self.staging_users += 1
+        self.staging.users += 1
         return self.staging
 
-    def release_staging(self) -> None:
-        self.staging_users -= 1
-        if self.staging_users == 0 and self.staging is not None:
-            self.staging.remove()
-            self.staging = None
+    def release_staging(self, work: WorkDir) -> None:
+        work.users -= 1
+        if work.users == 0:
+            work.remove()
+            if self.staging is work:
+                self.staging = None
 
     def claim(self, dir_fd: int, shown: str, name: str, create: Callable[[str], Any]) -> str:
         """Make ``name`` in the folder ``dir_fd`` (shown as ``shown``) with
@@ -522,18 +529,16 @@ class Copy:
         self.target = ""  # known once placed
         self.folder_fd = os.dup(folder_fd)
         self.staging: Optional[TempFile] = None
+        self.work: Optional[WorkDir] = None  # the staging folder, while the copy uses it
         self.size = os.fstat(temp.fd).st_size
         self.copied = 0
 
     def step(self) -> bool:
         """The next slice of work; True once the file is in place. OSError if it cannot be."""
-        if self.staging is None:
-            work = self.store.take_staging()
-            try:
-                self.staging = TempFile(work)
-            except OSError:
-                self.store.release_staging()
-                raise
+        if self.work is None:
+            self.work = self.store.take_staging()
+            self.staging = TempFile(self.work)
+        assert self.staging is not None
         if self.copied < self.size:
             n = copy_slice(self.temp.fd, self.staging.fd, self.copied, min(COPY_SLICE_BYTES, self.size - self.copied))
             if n == 0:
@@ -575,7 +580,9 @@ class Copy:
         if self.staging is not None:
             self.staging.discard()
             self.staging = None
-            self.store.release_staging()
+        if self.work is not None:
+            self.store.release_staging(self.work)
+            self.work = None
         self.temp.discard()
         close_quietly(self.folder_fd)
         self.folder_fd = -1

@@ -109,7 +109,7 @@ def test_receiver_gives_up_on_a_sender_gone_silent(lab, tmp_path):
         failed = events.wait_for(lambda e: e["event"] == "transfer-failed", what="the receiver to give up")
         assert failed["code"] == "timeout" and failed["peer"] == a.address
         # What arrived is kept for a resume (§7), out of sight; nothing else is left.
-        assert [n for n in b.temp_files() if not n.startswith(".tnet-keep/")] == [] and os.listdir(b.downloads) == []
+        assert [n for n in b.temp_files() if not n.startswith(".tnet-keep-")] == [] and os.listdir(b.downloads) == []
         out, err = cli.communicate(timeout=30)
         assert cli.returncode != 0  # its daemon died under it
     finally:
@@ -141,7 +141,7 @@ def test_link_down_mid_transfer_fails_cleanly_on_both_sides(lab, tmp_path):
     sender_events.wait_for(lambda e: e["event"] == "transfer-failed" and e["peer"] == b.address,
                            what="the sender's failure event")
     # What arrived is kept for a resume (§7), out of sight; nothing else is left.
-    assert [n for n in b.temp_files() if not n.startswith(".tnet-keep/")] == [] and os.listdir(b.downloads) == []
+    assert [n for n in b.temp_files() if not n.startswith(".tnet-keep-")] == [] and os.listdir(b.downloads) == []
     assert a.request("status")[-1]["transfers"] == [] and b.request("status")[-1]["transfers"] == []
 
     b.host.link("up")  # the cable is back: the next transfer goes through
