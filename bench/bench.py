@@ -682,10 +682,16 @@ def previous_code(into: Path) -> Path:
 
 
 def main_figures(a: TnetDaemon, b: TnetDaemon, big: Path, smalls: Path) -> Dict[str, float]:
-    """One send of ``big`` (rate, CPU, peak RSS), one of the small files, and
-    `tnet status` (the median of five: one call is quick and noisy)."""
+    """One send of ``big`` (rate, CPU, peak RSS) by daemons just started, one
+    of the small files (and the receiver's peak RSS for it), and `tnet status`
+    (the median of five: one call is quick and noisy)."""
+    for d in (a, b):  # Python keeps what it once allocated: an earlier batch would set the peak
+        d.stop()
+        d.start().wait_ready()
     figures = measured_send(a, b, big)
+    b.reset_peak_rss()
     figures["small_files_s"] = tnet_send(a, b, smalls)
+    figures["small_receiver_MiB"] = b.peak_rss_mib()
     figures["status_s"] = statistics.median(timed(partial(a.cli, "status")) for _ in range(5))
     return figures
 
@@ -1091,6 +1097,7 @@ PREVIOUS_ROWS = (  # figure, label, scale, digits, whether more is better
     ("sender_MiB", "{size}, peak RSS MiB, sender", 1, 1, False),
     ("receiver_MiB", "{size}, peak RSS MiB, receiver", 1, 1, False),
     ("small_files_s", "{files} × 4 KiB, s", 1, 2, False),
+    ("small_receiver_MiB", "{files} × 4 KiB, peak RSS MiB, receiver", 1, 1, False),
     ("status_s", "`tnet status`, ms", 1000, 0, False),
 )
 
