@@ -1,9 +1,13 @@
 """What keeps transfers fast, checked by what it does rather than by a clock
 (speed itself is measured in bench/): small files are pipelined, never one
-round trip each, and a large file streams through constant memory."""
+round trip each, a large file streams through constant memory, and a file
+sent to several peers at once is hashed once."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 import subprocess
 import sys
 
@@ -11,7 +15,9 @@ import crafted
 import pytest
 from conftest import next_address
 
+from tnet import outbound
 from tnet import protocol as proto
+from tnet.walk import Entries
 
 MiB = 1024 * 1024
 
@@ -57,3 +63,94 @@ def test_a_file_larger_than_any_buffer_streams_in_constant_memory(net, tmp_path)
     for daemon in (a, b):
         rss = daemon.peak_rss()
         assert rss < 64 * MiB, f"{daemon.name}: peak RSS {rss / MiB:.1f} MiB for a {size // MiB} MiB file"
+
+
+class CountingSha256:
+    """hashlib.sha256 that counts what it was given, over every instance."""
+
+    hashed = 0
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.inner = hashlib.sha256(data)
+        CountingSha256.hashed += len(data)
+
+    def update(self, data) -> None:
+        CountingSha256.hashed += len(data)
+        self.inner.update(data)
+
+    def digest(self) -> bytes:
+        return self.inner.digest()
+
+    def hexdigest(self) -> str:
+        return self.inner.hexdigest()
+
+
+class OneFileSend:
+    """A FileSender of one file over a socketpair, the far end drained by hand."""
+
+    def __init__(self, path, hashes, sendfile: bool) -> None:
+        entries = Entries()
+        entries.add(path.name, -1, path.stat().st_size, str(path))
+        exchange = proto.Exchange(proto.Role.INITIATOR, version=1)
+        exchange.send_preface()
+        exchange.receive_data(b"TNET\x01")
+        exchange.send(proto.Offer("alpha", 1, entries.total))
+        exchange.receive_data(proto.encode_frame(proto.Accept("bravo")))
+        self.sender = outbound.FileSender(entries, exchange, memoryview(bytearray(65536)), hashes=hashes)
+        self.sender.use_sendfile = sendfile
+        self.near, self.far = socket.socketpair()
+        self.near.setblocking(False)
+        self.out = bytearray()
+        self.sender.start_entry(self.out)
+        self.sha256 = ""
+
+    def step(self) -> None:
+        try:
+            self.sender.send_piece(self.near, self.out)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                if not self.far.recv(1 << 20, socket.MSG_DONTWAIT):
+                    break
+            except BlockingIOError:
+                break
+        self.out.clear()
+        if self.sender.sent == self.sender.size:
+            self.sha256 = self.sender.finish_file(self.out)
+
+    def close(self) -> None:
+        self.sender.close_file()
+        self.near.close()
+        self.far.close()
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_a_file_sent_to_several_peers_at_once_is_hashed_once(tmp_path, monkeypatch, sendfile):
+    monkeypatch.setattr(outbound, "hashlib", type("H", (), {"sha256": CountingSha256}))
+    monkeypatch.setattr(outbound, "SEND_CHUNK_BYTES", 128 * 1024)
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * MiB + 7)
+    path.write_bytes(data)
+    hashes: dict = {}
+    sends = [OneFileSend(path, hashes, sendfile) for _ in range(2)]
+    try:
+        for _ in range(4):
+            sends[0].step()  # the first is ahead: it hashes, the second only sends
+        sends.append(OneFileSend(path, hashes, sendfile))  # one more, starting late
+        leader = sends[0]
+        while not all(s.sha256 for s in sends[1:]):
+            for s in sends:
+                if not s.sha256:
+                    s.step()
+            if leader in sends and leader.sender.sent > MiB:  # the leader goes (its peer dropped)
+                leader.close()
+                sends.remove(leader)
+        assert leader not in sends and len(sends) == 2
+        assert [s.sha256 for s in sends] == [hashlib.sha256(data).hexdigest()] * 2
+        assert CountingSha256.hashed == len(data)  # one pass over the file for all three
+        assert hashes == {}  # none left once every sender is done with the file
+    finally:
+        for s in sends:
+            s.close()
+        CountingSha256.hashed = 0

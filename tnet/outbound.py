@@ -51,12 +51,26 @@ class Client(Protocol):
     def fail(self, code: str, message: str, **extra: Any) -> None: ...
 
 
+class SharedHash:
+    """The SHA-256 of one file from its start, as far as any of its senders
+    read it: a file sent to several peers at once is hashed once, by
+    whichever is ahead; the others only send."""
+
+    def __init__(self, key: Tuple[int, ...]) -> None:
+        self.key = key  # device, inode, size and modification time: one version of one file
+        self.hasher = hashlib.sha256()
+        self.done = 0  # bytes hashed; every sender of the file is at or behind it
+        self.users = 0
+
+
 class FileSender:
     """The entries of one batch, put on the wire in order."""
 
     def __init__(self, entries: Entries, exchange: proto.Exchange, buffer: memoryview,
-                 order: Optional[Sequence[int]] = None) -> None:
+                 order: Optional[Sequence[int]] = None, hashes: Optional[Dict[tuple, SharedHash]] = None) -> None:
         self.entries, self.exchange, self.buffer = entries, exchange, buffer
+        self.hashes = hashes if hashes is not None else {}  # of files being sent from their start, by key
+        self.shared: Optional[SharedHash] = None  # the file in flight's, once it is sent from its start
         # The entries of this attempt, by their index in the batch (a retry leaves out those already saved).
         self.order: Sequence[int] = order if order is not None else range(len(entries))
         self.next_entry = 0  # position in ``order``: the index on the wire
@@ -109,6 +123,7 @@ class FileSender:
             self.waiting = True
             return HEADER_COST_BYTES
         out += self.exchange.send(proto.FileHeader(index, parts, size))
+        self.share_hash()
         if size > INLINE_FILE_BYTES:
             return HEADER_COST_BYTES
         if size:
@@ -175,6 +190,19 @@ class FileSender:
     def send_from(self, offset: int, out: bytearray) -> None:
         out += self.exchange.send(proto.FileFrom(self.index, offset, self.size - offset))
         self.waiting = False
+        if offset == 0:
+            self.share_hash()
+
+    def share_hash(self) -> None:
+        """Hash the file sent from its start with its other senders (a resumed one hashes alone)."""
+        assert self.stat is not None
+        info = self.stat
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        shared = self.hashes.get(key)
+        if shared is None:
+            shared = self.hashes[key] = SharedHash(key)
+        shared.users += 1
+        self.shared = shared
 
     def disown(self, index: int, parts: Tuple[str, ...], out: bytearray, reason: str) -> int:
         """An entry that cannot be sent as offered fails alone: a header with
@@ -212,18 +240,28 @@ class FileSender:
     def read_for_hash(self, count: int, copy_to: Optional[bytearray] = None) -> None:
         """Hash the next ``count`` bytes of the file (and append them to
         ``copy_to``). Reading after sendfile costs a copy from the page cache
-        but keeps one pass of hashing per side (§4.2); the reads go into the
-        daemon's one receive buffer, so no chunk is ever allocated. sendfile
-        takes explicit offsets, so the descriptor's own position is the
-        hash's."""
-        view = self.buffer
+        but keeps one pass of hashing per side (§4.2), and per file however
+        many peers get it at once; the reads go into the daemon's one receive
+        buffer, so no chunk is ever allocated. sendfile takes explicit
+        offsets, so the descriptor's own position is the hash's."""
+        view, shared, position = self.buffer, self.shared, self.sent
+        if shared is not None:
+            if copy_to is None:  # only what no sender of the file has hashed yet
+                count = max(position + count - shared.done, 0)
+                position = max(position, shared.done)
+            os.lseek(self.fd, position, os.SEEK_SET)
         while count:
             n = os.readv(self.fd, [view[:min(count, len(view))]])
             if n == 0:
                 raise proto.LocalProtocolError("file-changed", f"{self.name} shrank while being sent")
-            self.hasher.update(view[:n])
+            if shared is None:
+                self.hasher.update(view[:n])
+            elif position + n > shared.done:
+                shared.hasher.update(view[shared.done - position:n])
+                shared.done = position + n
             if copy_to is not None:
                 copy_to += view[:n]
+            position += n
             count -= n
 
     def finish_file(self, out: bytearray) -> str:
@@ -235,7 +273,7 @@ class FileSender:
             reason = proto.clip_text(f"{self.name} changed while being sent")
             out += self.exchange.send(proto.Failed(self.index, "file-changed", reason))
         else:
-            sha256 = self.hasher.hexdigest()
+            sha256 = (self.shared.hasher if self.shared is not None else self.hasher).hexdigest()
             out += self.exchange.send(proto.FileEnd(sha256))
         self.close_file()
         self.index = -1
@@ -246,6 +284,11 @@ class FileSender:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        shared, self.shared = self.shared, None
+        if shared is not None:
+            shared.users -= 1
+            if not shared.users:
+                del self.hashes[shared.key]
 
 
 class OutboundPeer(PeerConn):
@@ -263,7 +306,7 @@ class OutboundPeer(PeerConn):
         self.first = first  # the frame that opens the exchange
         self.client = client
         self.entries = entries if entries is not None else Entries()
-        self.sender = FileSender(self.entries, self.exchange, ctx.buffer, order)
+        self.sender = FileSender(self.entries, self.exchange, ctx.buffer, order, ctx.hashes)
         self.connected = False
         self.streaming = False
         self.answers = 0  # handled; the exchange counts them as they are read, a batch ahead

@@ -93,6 +93,8 @@ class PeerContext:
     wall: Callable[[], float] = time.time  # for records that outlive the daemon
     # The history's record of each file sent: (transfer id, [history.file_record, ...]).
     record_files: Callable[[str, Sequence[Dict[str, Any]]], None] = lambda transfer_id, files: None
+    # Hashes of files being sent, shared by their senders (outbound.SharedHash, by file).
+    hashes: Dict[tuple, Any] = field(default_factory=dict)
     # One buffer for every read: from peer sockets, and of files being hashed.
     # Whatever reads into it is done with it before the loop moves on.
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RECV_BYTES)))
