@@ -15,13 +15,15 @@ Only loopback addresses are ever used by the tests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import struct
+import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -208,6 +210,23 @@ class Receiver:
 
     def close(self) -> None:
         self.listener.close()
+
+
+@contextlib.contextmanager
+def sending(daemon: Any, address: str, path: str, *options: str) -> Iterator[Tuple[Receiver, "subprocess.Popen[str]"]]:
+    """`tnet send OPTIONS ADDRESS PATH` on ``daemon`` (a conftest.Daemon) to
+    a Receiver played on ``address``: the receiver and the CLI's process,
+    killed and closed at the end however the test went."""
+    receiver = Receiver(address)
+    cli = subprocess.Popen(daemon.cli_args("send", *options, address, path), env=daemon.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        yield receiver, cli
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        receiver.close()
 
 
 def resume(index: int, offset: int = 0, prefix: bytes = b"", salt: bytes = b"\0" * 16) -> bytes:

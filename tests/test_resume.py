@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -105,31 +104,19 @@ def test_an_edited_partial_or_record_is_not_resumed_and_nothing_corrupt_lands(ne
 def test_a_receiver_claiming_more_than_the_file_is_refused(net, tmp_path):
     a = net.daemon("alpha")
     f = random_file(tmp_path / "f.bin", 2 * MiB, seed=4)
-    address = next_address()
-    receiver = crafted.Receiver(address)
-    cli = subprocess.Popen(a.cli_args("send", "--no-retry", address, str(f)), env=a.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with crafted.sending(a, next_address(), str(f), "--no-retry") as (receiver, cli):
         wire, _ = receiver.take_offer()
         header = wire.wait_for(proto.FileHeader)
         assert header.mtime == f.stat().st_mtime_ns
         wire.send(crafted.resume(0, 2 * MiB + 1, b"x" * (2 * MiB + 1)))
         _, stderr = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-        receiver.close()
     assert cli.returncode != 0 and "bad-resume" in stderr, stderr
 
 
 def test_a_receiver_whose_prefix_is_not_ours_gets_the_whole_file(net, tmp_path):
     a = net.daemon("alpha")
     f = random_file(tmp_path / "f.bin", 2 * MiB, seed=5)
-    address = next_address()
-    receiver = crafted.Receiver(address)
-    cli = subprocess.Popen(a.cli_args("send", "--json", address, str(f)), env=a.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with crafted.sending(a, next_address(), str(f), "--json") as (receiver, cli):
         wire, _ = receiver.take_offer()
         wire.wait_for(proto.FileHeader)
         wire.send(crafted.resume(0, MiB, b"not the file" * 1000))
@@ -145,10 +132,6 @@ def test_a_receiver_whose_prefix_is_not_ours_gets_the_whole_file(net, tmp_path):
         assert bytes(data) == f.read_bytes() and end.sha256 == hashlib.sha256(data).hexdigest()
         wire.send(crafted.frame({"type": "done", "index": 0}))
         stdout, stderr = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-        receiver.close()
     assert cli.returncode == 0, stderr
     assert json.loads(stdout.splitlines()[-1])["resumed_bytes"] == 0
 

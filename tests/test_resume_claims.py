@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from typing import List
@@ -158,11 +157,7 @@ def test_a_file_an_earlier_attempt_failed_fails_the_send(net, tmp_path):
     (folder / "one.txt").write_bytes(b"1" * 100)
     (folder / "two.txt").write_bytes(b"2" * 200)
     (folder / "zzz.txt").write_bytes(b"3" * 300)
-    address = next_address()
-    receiver = crafted.Receiver(address)
-    cli = subprocess.Popen(a.cli_args("send", "--json", address, str(folder)), env=a.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with crafted.sending(a, next_address(), str(folder), "--json") as (receiver, cli):
         wire, offer = receiver.take_offer()
         assert offer.entries == 4  # the folder and its three files
         while sum(isinstance(e, proto.FileEnd) for e in wire.events) < 3:
@@ -175,10 +170,6 @@ def test_a_file_an_earlier_attempt_failed_fails_the_send(net, tmp_path):
         again.wait_for(proto.FileEnd)
         again.send(crafted.frame({"type": "done", "index": 0}))
         stdout, stderr = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-        receiver.close()
     final = json.loads(stdout.splitlines()[-1])
     assert cli.returncode != 0 and final["ok"] is False and final["code"] == "save-failed", final
     assert "1 of 4 failed" in final["error"] and "disk says no" in final["error"]
@@ -188,20 +179,12 @@ def test_a_file_an_earlier_attempt_failed_fails_the_send(net, tmp_path):
 def test_an_answer_read_together_with_the_peers_error_gets_no_reply(net, tmp_path):
     a = net.daemon("alpha")
     f = random_file(tmp_path / "f.bin", MiB, seed=4)
-    address = next_address()
-    receiver = crafted.Receiver(address)
-    cli = subprocess.Popen(a.cli_args("send", "--no-retry", address, str(f)), env=a.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with crafted.sending(a, next_address(), str(f), "--no-retry") as (receiver, cli):
         wire, _ = receiver.take_offer()
         wire.wait_for(proto.FileHeader)
         # Both in one write: the resume asks for bytes, the error ends the exchange before they could go.
         wire.send(crafted.resume(0, 0, b"") + crafted.frame({"type": "error", "code": "shutdown",
                                                              "message": "going down"}))
         _, stderr = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-        receiver.close()
     assert cli.returncode != 0 and "shutdown" in stderr and "going down" in stderr, stderr
     assert "internal" not in stderr and "Traceback" not in a.log()
