@@ -44,6 +44,7 @@ srv.bind(("0.0.0.0", int(sys.argv[1])))
 srv.listen(1)
 print("listening", flush=True)
 conn, _ = srv.accept()
+conn.recv(65536)  # the preface and offer: an accept before them would be answered unexpected-frame
 conn.sendall(protocol.encode_preface() + protocol.encode_frame(protocol.Accept("delta")))
 print("accepted", flush=True)
 sys.stdin.read()
