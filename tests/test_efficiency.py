@@ -154,3 +154,30 @@ def test_a_file_sent_to_several_peers_at_once_is_hashed_once(tmp_path, monkeypat
         for s in sends:
             s.close()
         CountingSha256.hashed = 0
+
+
+LOADED = """
+import os, sys
+from tnet import commands, daemon, util
+d = daemon.Daemon(util.load_config(os.environ))
+if os.environ["LOCALSEND"] == "0":
+    d.start()
+    commands.resolver(d.services)  # what a send or a message asks first
+    d.stop()
+print(" ".join(sorted(m for m in sys.modules if m == "ssl" or m.startswith("tnet."))))
+"""
+LOCALSEND_ONLY = {"ssl", "tnet.tls", "tnet.x509", "tnet.http", "tnet.httpconn", "tnet.localsend", "tnet.lsdoor",
+                  "tnet.lsfind", "tnet.lsreceive", "tnet.lssend"}
+
+
+@pytest.mark.parametrize("localsend", ["0", "1"])
+def test_a_daemon_without_localsend_loads_neither_ssl_nor_its_modules(net, localsend):
+    """Memory: ssl and the LocalSend modules are a tenth of a daemon's RSS."""
+    d = net.daemon("lean", start=False, LOCALSEND=localsend)
+    loaded = set(subprocess.run([sys.executable, "-c", LOADED], env=d.env, cwd=d.dir, capture_output=True,
+                                text=True, check=True).stdout.split())
+    assert "tnet.commands" in loaded
+    if localsend == "0":
+        assert not loaded & LOCALSEND_ONLY
+    else:
+        assert LOCALSEND_ONLY - {"tnet.lssend"} <= loaded

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tnet import tls, x509
+from tnet.util import StateDirError, open_state_dir
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_http_mode_keeps_a_random_fingerprint(tmp_path):
     assert tls.load_identity(str(state), False, 0.0) == first
     assert mode(state / tls.FINGERPRINT_FILE) == 0o600 and mode(state) == 0o700
     (state / tls.FINGERPRINT_FILE).write_text("not a fingerprint!\n")
-    with pytest.raises(tls.IdentityFileError, match="does not hold a fingerprint"):
+    with pytest.raises(StateDirError, match="does not hold a fingerprint"):
         tls.load_identity(str(state), False, 0.0)
 
 
@@ -70,7 +71,7 @@ def test_a_key_alone_is_an_interrupted_first_start_and_is_made_again(state):
 ])
 def test_an_unusable_identity_is_refused_with_the_file_and_the_cure(state, damage, message):
     damage(state)
-    with pytest.raises(tls.IdentityFileError, match=message) as info:
+    with pytest.raises(StateDirError, match=message) as info:
         tls.load_identity(str(state), True, time.time())
     assert str(state) in str(info.value)
 
@@ -79,7 +80,7 @@ def test_a_key_of_another_certificate_is_refused(state, made, tmp_path):
     other = tmp_path / "other"
     tls.load_identity(str(other), True, time.time())
     os.replace(other / tls.KEY_FILE, state / tls.KEY_FILE)
-    with pytest.raises(tls.IdentityFileError, match="cannot be used"):
+    with pytest.raises(StateDirError, match="cannot be used"):
         tls.load_identity(str(state), True, time.time())
 
 
@@ -88,12 +89,12 @@ def test_links_are_refused_never_followed(state, tmp_path):
     outside.write_text("precious")
     os.replace(state / tls.CERT_FILE, tmp_path / "moved.pem")
     (state / tls.CERT_FILE).symlink_to(outside)
-    with pytest.raises(tls.IdentityFileError, match="is a link"):
+    with pytest.raises(StateDirError, match="is a link"):
         tls.load_identity(str(state), True, time.time())
     assert outside.read_text() == "precious"
     link = tmp_path / "state-link"
     link.symlink_to(state)
-    with pytest.raises(tls.IdentityFileError, match="is a link or not a folder"):
+    with pytest.raises(StateDirError, match="is a link or not a folder"):
         tls.load_identity(str(link), True, time.time())
 
 
@@ -101,7 +102,7 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     os.mkfifo(state / tls.FINGERPRINT_FILE, 0o600)
-    with pytest.raises(tls.IdentityFileError, match="not a small regular file"):
+    with pytest.raises(StateDirError, match="not a small regular file"):
         tls.load_identity(str(state), False, 0.0)
 
 
@@ -112,7 +113,7 @@ def test_a_write_replaces_a_planted_link_not_its_target(tmp_path):
     target.write_text("untouched")
     (state / "f").symlink_to(target)
     (state / ".f.leftover").write_text("")
-    fd = tls.open_state_dir(str(state))
+    fd = open_state_dir(str(state))
     try:
         tls.write_private(fd, "f", b"new", "f")
     finally:

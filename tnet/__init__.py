@@ -6,8 +6,9 @@ The package, top to bottom; a module imports only modules below it
 * ``cli``: the ``tnet`` command, talking to the daemon over the UNIX sockets.
 * ``daemon``: the wiring: makes the parts below, opens the four sockets,
   accepts on them, refuses peers beyond the limits, stops cleanly.
-* ``commands``: what a local client may ask (``COMMANDS``), and the walk of
-  a send's folders a slice per turn.
+* ``commands``: what a local client may ask (``COMMANDS``).
+* ``sending``: a send from its walk to its last answer: the attempts, the
+  retries across dropped links, a fan-out to several peers.
 * ``lssend``: sends and messages to LocalSend devices: which kind a peer
   is, the files' hashes, prepare-upload and an upload per file.
 * ``lsdoor``: the LocalSend front door (LOCALSEND=1): the HTTP(S) listener's
@@ -28,6 +29,7 @@ The package, top to bottom; a module imports only modules below it
 * ``history``: the history file (STATE_DIR/history.jsonl), bounded, append-only.
 * ``discovery``: our requests (broadcast, and unicast to PEERS) and the
   answers; whom to answer; the names.
+* ``keep``: resume's partial files, kept in TEMP_DIR, and their batches.
 * ``store``: TEMP_DIR and FILE_SAVE_DIR on folder descriptors; placing files.
 * ``walk``: the files a send names, walked a slice at a time, held compactly.
 * ``loop``: the selector, timers, signals, slices of work, ``Conn``.
@@ -39,6 +41,9 @@ The package, top to bottom; a module imports only modules below it
 * ``http``, ``x509``, ``localsend``: an HTTP/1.1 codec, a certificate maker
   and the LocalSend v2 formats and sessions, pure.
 * ``util``: configuration and small helpers.
+
+The LocalSend modules (``lssend`` to ``localsend``, ``tls``, ``x509``) and
+``ssl`` load only with LOCALSEND=1: a daemon without it is that much smaller.
 
 A newcomer reads ``protocol`` (the rules), then ``daemon`` and the parts it
 names. docs/PROTOCOL.md describes the bytes and says where each rule lives.

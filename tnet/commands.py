@@ -6,7 +6,7 @@ client and the request's checked arguments; it answers with
 transfer), and raises ``LocalProtocolError`` to refuse. A send is a
 ``sending.SendJob``: the walk, then its attempts; with LOCALSEND=1 an
 ``lssend.LsSendJob``, whose peer may be a LocalSend device (``lssend.Targets``
-decides), as a message's may. The history (``recorder``) is shown the
+decides), as a message's may; those modules load only with LOCALSEND=1. The history (``recorder``) is shown the
 answers of sends and messages.
 """
 
@@ -15,18 +15,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from . import __version__, api
 from . import protocol as proto
 from .clients import ClientConn, Events
 from .discovery import DEFAULT_DISCOVER_S, Discovery, Found, PeerRecord
-from .inbound import InboundPeer
 from .loop import Loop
-from .lsdoor import LocalSend
-from .lsfind import Device
-from .lsreceive import LsReceive
-from .lssend import LsMessage, LsSendJob, Targets
 from .outbound import OutboundPeer
 from .peers import PeerContext, Transfer
 from .recorder import HistoryJob, Recorder
@@ -34,6 +29,10 @@ from .sending import DEFAULT_RETRY_FOR_S, FanOut, SendJob
 from .store import Store
 from .util import Config
 from .walk import Walk
+
+if TYPE_CHECKING:  # LOCALSEND=1's modules load only with it (daemon.localsend_door, lssend below)
+    from .lsdoor import LocalSend
+    from .lsfind import Device
 
 
 @dataclass
@@ -122,9 +121,21 @@ def cmd_peers(services: Services, client: ClientConn, args: Dict[str, Any]) -> N
     client.finish({"peers": with_localsend(services, peers, -math.inf)})
 
 
+Resolve = Callable[[str, Callable[[str], None], Callable[["Device"], None], Callable[[str, str], None]], None]
+
+
+def resolver(services: Services) -> Resolve:
+    """How a typed peer is found: ``resolve(peer, to_tnet, to_device, fail)``."""
+    if services.localsend is None:
+        return lambda peer, tnet, device, fail: services.discovery.resolve(peer, tnet, fail)
+    from .lssend import Targets
+
+    return Targets(services.discovery, services.localsend).resolve
+
+
 def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     first = proto.Message(services.config.host_name, args["text"])
-    targets = Targets(services.discovery, services.localsend)
+    resolve = resolver(services)
 
     def message_to(peer: str, to: Any) -> Any:
         noted = Noted(to, services.recorder.outgoing_message(peer, args["text"]))
@@ -136,9 +147,11 @@ def cmd_message(services: Services, client: ClientConn, args: Dict[str, Any]) ->
         def to_device(device: Device) -> None:
             noted.note.address = device.address
             if not noted.closed and services.localsend is not None:
+                from .lssend import LsMessage
+
                 LsMessage(services.peers, services.localsend, device, args["text"], noted, args.get("pin")).start()
 
-        targets.resolve(peer, deliver, to_device, noted.fail)
+        resolve(peer, deliver, to_device, noted.fail)
         return noted
 
     to_targets(services, client, args, message_to)
@@ -176,13 +189,15 @@ class Noted:
 def cmd_send(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
     retry_for = float(args.get("retry_for", DEFAULT_RETRY_FOR_S))
     localsend = services.localsend
-    targets = Targets(services.discovery, localsend)
 
     def send_to(peer: str, to: Any) -> SendJob:
         walk = Walk(args["paths"])
         if localsend is None:
             job = SendJob(services.peers, services.discovery, to, walk, peer, retry_for)
         else:  # the peer may be a LocalSend device
+            from .lssend import LsSendJob, Targets
+
+            targets = Targets(services.discovery, localsend)
             job = LsSendJob(services.peers, services.discovery, to, walk, peer, retry_for, targets, localsend,
                             args.get("pin"))
         services.loop.each_turn(job, job.step)
@@ -254,8 +269,8 @@ def cmd_cancel(services: Services, client: ClientConn, args: Dict[str, Any]) -> 
 
 def cmd_decide(accepted: bool) -> Handler:
     def handler(services: Services, client: ClientConn, args: Dict[str, Any]) -> None:
-        conn = transfer_by_id(services, args["id"])
-        if not isinstance(conn, (InboundPeer, LsReceive)) or not conn.awaiting_decision:
+        conn: Any = transfer_by_id(services, args["id"])  # a tnet peer's or a LocalSend sender's (lsreceive)
+        if not getattr(conn, "awaiting_decision", False):
             raise proto.LocalProtocolError("not-waiting", f"transfer {args['id']} is not waiting for a decision")
         conn.decide(accepted)
         client.finish({"id": args["id"]})

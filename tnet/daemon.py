@@ -26,7 +26,7 @@ import socket
 import stat
 import sys
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as proto
@@ -37,13 +37,14 @@ from .history import HISTORY_FILE, History, HistoryError
 from .inbound import InboundPeer
 from .keep import Keep
 from .loop import Listener, Loop
-from .lsdoor import LocalSend, StartError
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .recorder import Recorder
 from .store import Store, StoreError, remove_quietly
-from .tls import IdentityFileError, open_state_dir
-from .util import Config, monotonic
+from .util import Config, StateDirError, monotonic, open_state_dir
+
+if TYPE_CHECKING:
+    from .lsdoor import LocalSend
 
 log = logging.getLogger("tnet")
 
@@ -77,7 +78,7 @@ class Daemon:
                                  record_files=self.recorder.record_outgoing_files)
         self.discovery = Discovery(self.loop, config, nonce, self.answer,
                                    lambda: len(self.peers.registry.answering))
-        self.localsend = LocalSend(self.peers) if config.localsend else None
+        self.localsend = localsend_door(self.peers) if config.localsend else None
         self.services = Services(config=config, loop=self.loop, peers=self.peers, discovery=self.discovery,
                                  events=self.events, store=self.store, recorder=self.recorder,
                                  localsend=self.localsend)
@@ -96,7 +97,7 @@ class Daemon:
         try:
             os.close(open_state_dir(cfg.state_dir))  # private, and never through a link: before a byte goes in it
             self.recorder.open()
-        except IdentityFileError as exc:
+        except StateDirError as exc:
             raise StartupError(str(exc)) from None
         except HistoryError as exc:
             raise StartupError(f"STATE_DIR={cfg.state_dir}: {exc}") from None
@@ -159,6 +160,8 @@ class Daemon:
         localsend = self.localsend
         if localsend is None:
             return ()
+        from .lsdoor import StartError
+
         try:
             ls_tcp, ls_udp = localsend.open(time.time())
         except StartError as exc:
@@ -281,6 +284,14 @@ class Daemon:
 
 
 # --- The sockets -----------------------------------------------------------------
+
+
+def localsend_door(peers: PeerContext) -> LocalSend:
+    """LOCALSEND=1's front door. Imported here, not above: without LOCALSEND
+    the daemon never loads ssl nor the LocalSend modules (less memory)."""
+    from .lsdoor import LocalSend
+
+    return LocalSend(peers)
 
 
 def open_tcp(cfg: Config) -> socket.socket:

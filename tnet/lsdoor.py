@@ -45,6 +45,7 @@ from .lsfind import Device, Finder
 from .lsreceive import LsReceive, Upload, error_body
 from .peers import MIN_PROGRESS_BYTES, PeerContext
 from .tls import TlsPipe
+from .util import StateDirError
 
 log = logging.getLogger("tnet")
 
@@ -548,7 +549,7 @@ class LocalSend:
                                  protocol="https" if identity.https else "http", device_model=DEVICE_MODEL,
                                  device_type=DEVICE_TYPE)
             ls.encode_info(info)  # an alias LocalSend would refuse is refused here
-        except tls.IdentityFileError as exc:
+        except StateDirError as exc:
             raise StartError(f"LOCALSEND=1: {exc}") from None
         except proto.LocalProtocolError as exc:
             raise StartError(f"LOCALSEND_ALIAS={cfg.alias!r}: {exc.message}") from None

@@ -6,7 +6,7 @@ and TLS over memory BIOs, so that no handshake ever blocks the loop.
   remember a device by its fingerprint. The folder is 0700, the files 0600,
   each written to a temp name and renamed into place, and nothing is read or
   written through a link. What cannot be used stops the daemon with
-  ``IdentityFileError`` saying which file and what to do.
+  ``StateDirError`` saying which file and what to do.
 * ``server_context`` and ``client_context``: TLS 1.2 or later, ALPN http/1.1,
   our certificate on both sides (the official app, as a server, requires a
   client certificate). Neither verifies a chain: LocalSend certificates are
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from . import x509
+from .util import StateDirError, open_state_dir
 
 CERT_FILE = "localsend-cert.pem"
 KEY_FILE = "localsend-key.pem"
@@ -42,16 +43,11 @@ FINGERPRINT_BYTES = 16  # 32 hex digits, as localsendd's uuid4().hex
 MAX_FINGERPRINT_CHARS = 128  # localsend.MAX_FINGERPRINT_BYTES
 ALPN = ["http/1.1"]  # the official app offers only this
 
-_DIR_MODE, _FILE_MODE = 0o700, 0o600
+_FILE_MODE = 0o600
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a FIFO planted there cannot block us
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-
-
-class IdentityFileError(Exception):
-    """STATE_DIR or a file in it cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -71,24 +67,6 @@ class LocalIdentity:
 # --- STATE_DIR and its files -------------------------------------------------------------------
 
 
-def open_state_dir(path: str) -> int:
-    """A descriptor of STATE_DIR, made 0700 if missing. A link there, a folder
-    of someone else's or one others may write in is refused."""
-    try:
-        os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
-        fd = os.open(path, _DIR_FLAGS)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise IdentityFileError(f"STATE_DIR={path} is a link or not a folder; not following it") from None
-        raise IdentityFileError(f"STATE_DIR={path}: {exc.strerror}") from None
-    info = os.fstat(fd)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        os.close(fd)
-        raise IdentityFileError(f"STATE_DIR={path} belongs to someone else or others may write in it "
-                                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 700 it")
-    return fd
-
-
 def read_private(dir_fd: int, name: str, shown: str) -> Optional[bytes]:
     """The bytes of our file ``name``, None if there is none. A link, a file
     that is not regular, not ours, or readable by others is refused."""
@@ -98,18 +76,18 @@ def read_private(dir_fd: int, name: str, shown: str) -> Optional[bytes]:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise IdentityFileError(f"{shown} is a link; not following it (remove it)") from None
-        raise IdentityFileError(f"{shown}: {exc.strerror}") from None
+            raise StateDirError(f"{shown} is a link; not following it (remove it)") from None
+        raise StateDirError(f"{shown}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_STATE_FILE_BYTES:
-            raise IdentityFileError(f"{shown} is not a small regular file (remove it)")
+            raise StateDirError(f"{shown} is not a small regular file (remove it)")
         if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise IdentityFileError(f"{shown} belongs to someone else or others may read it "
+            raise StateDirError(f"{shown} belongs to someone else or others may read it "
                                     f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
         return os.read(fd, MAX_STATE_FILE_BYTES + 1)
     except OSError as exc:
-        raise IdentityFileError(f"{shown}: {exc.strerror}") from None
+        raise StateDirError(f"{shown}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -136,7 +114,7 @@ def write_private(dir_fd: int, name: str, data: bytes, shown: str) -> None:
             os.unlink(temp, dir_fd=dir_fd)
         except OSError:
             pass
-        raise IdentityFileError(f"cannot write {shown}: {exc.strerror}") from None
+        raise StateDirError(f"cannot write {shown}: {exc.strerror}") from None
 
 
 def load_identity(state_dir: str, https: bool, now: float) -> LocalIdentity:
@@ -159,7 +137,7 @@ def _load_fingerprint(dir_fd: int, state_dir: str) -> str:
         return text
     text = data.decode("ascii", "replace").strip()
     if not 0 < len(text) <= MAX_FINGERPRINT_CHARS or not text.isalnum() or not text.isascii():
-        raise IdentityFileError(f"{shown} does not hold a fingerprint (letters and digits); remove it")
+        raise StateDirError(f"{shown} does not hold a fingerprint (letters and digits); remove it")
     return text
 
 
@@ -174,17 +152,17 @@ def _load_certificate(dir_fd: int, state_dir: str, now: float) -> LocalIdentity:
         write_private(dir_fd, CERT_FILE, made.cert_pem.encode("ascii"), cert_shown)
         cert = made.cert_pem.encode("ascii")
     elif key is None:
-        raise IdentityFileError(f"{cert_shown} has no key beside it ({key_shown}); remove it to make a new "
+        raise StateDirError(f"{cert_shown} has no key beside it ({key_shown}); remove it to make a new "
                                 "pair (LocalSend devices will see a new fingerprint)")
     try:
         fingerprint = x509.fingerprint(x509.pem_to_der(cert))
     except x509.IdentityError as exc:
-        raise IdentityFileError(f"{cert_shown}: {exc}; remove it and {key_shown} to make a new pair") from None
+        raise StateDirError(f"{cert_shown}: {exc}; remove it and {key_shown} to make a new pair") from None
     identity = LocalIdentity(fingerprint, cert_shown, key_shown)
     try:
         server_context(identity)  # the key must be the certificate's
     except (ssl.SSLError, OSError) as exc:
-        raise IdentityFileError(f"{cert_shown} and {key_shown} cannot be used ({exc}); remove both to make "
+        raise StateDirError(f"{cert_shown} and {key_shown} cannot be used ({exc}); remove both to make "
                                 "a new pair") from None
     return identity
 

@@ -4,7 +4,7 @@ Holds ``Config`` and ``load_config`` (from an environment mapping, so tests
 pass a plain dict), the value parsers, the discovery of the machine's IPv4
 broadcast addresses, the clock, logging setup and human formatting.
 Imports nothing from tnet; does no I/O beyond asking the OS about its
-interfaces and host name.
+interfaces and host name, and opening STATE_DIR (``open_state_dir``).
 
 Environment variables (the one table; the README repeats it):
 
@@ -59,11 +59,13 @@ LOCALSEND_PIN          (none)                      a PIN LocalSend senders must 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 import sys
 import time
@@ -333,6 +335,35 @@ def broadcast_targets(config: Config) -> Tuple[str, ...]:
         return config.broadcast_addresses
     found = interface_broadcasts()
     return tuple(found) if found else (LIMITED_BROADCAST,)
+
+
+# --- STATE_DIR ---------------------------------------------------------------------
+
+
+class StateDirError(Exception):
+    """STATE_DIR or a file in it cannot be used; the message says which and why."""
+
+
+_STATE_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+                    | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_state_dir(path: str) -> int:
+    """A descriptor of STATE_DIR, made 0700 if missing. A link there, a folder
+    of someone else's or one others may write in is refused."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(path, _STATE_DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StateDirError(f"STATE_DIR={path} is a link or not a folder; not following it") from None
+        raise StateDirError(f"STATE_DIR={path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise StateDirError(f"STATE_DIR={path} belongs to someone else or others may write in it "
+                            f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 700 it")
+    return fd
 
 
 # --- Interfaces -----------------------------------------------------------------
