@@ -10,7 +10,7 @@ hash, write on the other), so that tnet over it is the cost of tnet itself.
 
 Two hosts are two network namespaces joined by a veth pair (mode ``veth``),
 or two daemons on 127.231.0.2 and 127.231.0.3 (mode ``loopback``). Discovery
-runs 20 daemons in namespaces on one bridge, the fan-out 4 and LocalSend 3
+runs 20 daemons in namespaces on one bridge, the fan-out 4 and LocalSend 3 each way
 (with a default route each: localsendd joins its multicast group through it). Every file lives on a tmpfs
 mounted here; every destination is deleted before each run, so each tool pays
 for allocating new pages. Runs alternate between tools (A B A B ...), and the
@@ -991,11 +991,54 @@ def bench_localsend_receive(res: Dict[str, Any], setup: Setup, work: Path, src: 
         res["localsend_receive"][protocol] = localsend_receiving(setup, hosts, work / protocol, https, src, reps)
 
 
-def bench_localsend_send(res: Dict[str, Any]) -> None:
-    """tnet -> localsendd against localsendd -> localsendd, over HTTP and HTTPS:
-    to be measured like bench_localsend_receive (tnet's sender CPU and peak
-    RSS, localsendd receiving) once tnet sends to LocalSend devices."""
-    res["localsend_send"] = {"measured": False, "why": "tnet does not send to LocalSend devices yet"}
+def sent_to(send: Callable[[], float], sender: Process, receiver: Localsendd, src: Path) -> Dict[str, float]:
+    """``send()`` puts ``src`` into ``receiver``: the rate, and the sender's CPU and peak RSS."""
+    size = src.stat().st_size
+    receiver.clean_downloads()
+    sender.reset_peak_rss()
+    cpu = sender.cpu_seconds()
+    seconds = send()
+    if (receiver.downloads / src.name).stat().st_size != size:
+        raise RuntimeError(f"{receiver.alias} holds a file of another size")
+    receiver.clean_downloads()
+    return {"MB_per_s": size / seconds / 1e6, "sender_cpu_s_per_GiB": (sender.cpu_seconds() - cpu) * GiB / size,
+            "sender_peak_MiB": sender.peak_rss_mib()}
+
+
+def tnet_sees(tnet: TnetDaemon, alias: str) -> bool:
+    peers = json.loads(tnet.cli("peers", "--json").stdout)
+    return any(p.get("kind") == "localsend" and p["name"] == alias for p in peers)
+
+
+def localsend_sending(setup: Setup, hosts: List[Host], work: Path, https: bool, src: Path,
+                      reps: int) -> Dict[str, Any]:
+    """tnet (LOCALSEND=1) and a localsendd send ``src`` to one localsendd, alternately."""
+    bin_dir = localsendd_bin()
+    sender, receiver = (Localsendd(h, work, https, bin_dir) for h in hosts[:2])
+    [tnet] = start_daemons(setup, hosts[2:3], work, LOCALSEND="1", LOCALSEND_HTTPS="1" if https else "0")
+    for lsd in (receiver, sender):
+        setup.later(lsd.stop)
+        lsd.start()
+    wait_for(f"localsendd to find {receiver.alias}", partial(sender.sees, receiver.alias), 60.0, 0.5)
+    wait_for(f"tnet to find {receiver.alias}", lambda: tnet.cli("discover", "--timeout", "1") and
+             tnet_sees(tnet, receiver.alias), 60.0, 0.5)
+    figures = alternating(f"to localsend {'HTTPS' if https else 'HTTP'}", reps, {
+        "tnet": partial(sent_to, partial(timed, partial(tnet.cli, "send", receiver.alias, str(src))), tnet,
+                        receiver, src),
+        "localsendd": partial(sent_to, partial(sender.send, src, receiver.alias), sender, receiver, src)})
+    for process in (sender, receiver, tnet):
+        process.stop()
+    return figures
+
+
+def bench_localsend_send(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int) -> None:
+    """tnet -> localsendd against localsendd -> localsendd, over HTTP and over
+    HTTPS, in three namespaces of their own with a default route each."""
+    hosts = bridged_hosts(setup, 3, "lt", default_route=True)
+    res["localsend_send"] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD}
+    for https in (False, True):
+        protocol = "https" if https else "http"
+        res["localsend_send"][protocol] = localsend_sending(setup, hosts, work / protocol, https, src, reps)
 
 
 # --- The table ------------------------------------------------------------------------------
@@ -1006,7 +1049,6 @@ def fmt(m: Dict[str, Any], scale: float = 1.0, digits: int = 0) -> str:
 
 
 Row = Callable[[str, str, str, str, Optional[float], str, Optional[bool]], None]
-NOT_MEASURED = "not measured yet"
 
 
 def table(res: Dict[str, Any]) -> str:
@@ -1160,9 +1202,17 @@ def localsend_receive_rows(r: Dict[str, Any], row: Row) -> None:
 
 
 def localsend_send_rows(s: Dict[str, Any], row: Row) -> None:
-    if not s["measured"]:  # the place for tnet -> localsendd
-        row("tnet → localsendd, HTTP and HTTPS, MB/s", NOT_MEASURED, "localsendd → localsendd", NOT_MEASURED, None,
-            "≥ 1.0", None)
+    for protocol in ("http", "https"):
+        m = s[protocol]
+        rate, cpu, rss = m["MB_per_s"], m["sender_cpu_s_per_GiB"], m["sender_peak_MiB"]
+        ratio = rate["tnet"]["median"] / rate["localsendd"]["median"]
+        what = f"{gib(s['bytes'])} tnet → localsendd, {protocol.upper()}"
+        row(f"{what}, MB/s", fmt(rate["tnet"]), "localsendd → localsendd", fmt(rate["localsendd"]), ratio,
+            "≥ 1.0", ratio >= 1.0)
+        row(f"{what}, sender CPU s per GiB", fmt(cpu["tnet"], digits=2), "localsendd sending",
+            fmt(cpu["localsendd"], digits=2), cpu["tnet"]["median"] / cpu["localsendd"]["median"], "", True)
+        row(f"{what}, peak RSS MiB", fmt(rss["tnet"], digits=1), "limit", str(RSS_LIMIT_MIB),
+            rss["tnet"]["max"] / RSS_LIMIT_MIB, "< 1", rss["tnet"]["max"] < RSS_LIMIT_MIB)
 
 
 SECTION_ROWS: Tuple[Tuple[str, Callable[[Dict[str, Any], Row], None]], ...] = (
@@ -1200,9 +1250,9 @@ def bench_issues_10_to_13(res: Dict[str, Any], only: Set[str], setup: Setup, wor
         bench_fanout(res, setup, dst / "fanout", disk / "fanout.bin", reps)
         shutil.rmtree(disk)
     if "localsend" in only:
-        log(f"localsend: {size / GiB:g} GiB from {LOCALSENDD} to tnet and to itself, HTTP and HTTPS")
+        log(f"localsend: {size / GiB:g} GiB from {LOCALSENDD} to tnet and back, and to itself, HTTP and HTTPS")
         bench_localsend_receive(res, setup, dst / "localsend", big, reps)
-        bench_localsend_send(res)
+        bench_localsend_send(res, setup, dst / "localsend-to", big, reps)
     if "resume" in only:
         half = src / "half.bin"
         random_file(half, size // 2)
