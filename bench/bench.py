@@ -10,7 +10,7 @@ hash, write on the other), so that tnet over it is the cost of tnet itself.
 
 Two hosts are two network namespaces joined by a veth pair (mode ``veth``),
 or two daemons on 127.231.0.2 and 127.231.0.3 (mode ``loopback``). Discovery
-runs 20 daemons in namespaces on one bridge, the fan-out 4 and LocalSend 3 each way
+runs 20 daemons in namespaces on one bridge, the fan-out 4 and LocalSend 3
 (with a default route each: localsendd joins its multicast group through it). Every file lives on a tmpfs
 mounted here; every destination is deleted before each run, so each tool pays
 for allocating new pages. Runs alternate between tools (A B A B ...), and the
@@ -947,98 +947,65 @@ class Localsendd(Process):
         return time.monotonic() - start
 
 
-def received_from(sender: Localsendd, receiver: Process, alias: str, src: Path) -> Dict[str, float]:
-    """``src`` from ``sender`` to ``receiver``: the rate, and the receiver's CPU and peak RSS."""
+def one_file(send: Callable[[], float], receiver: Process, measured: Process, end: str,
+             src: Path) -> Dict[str, float]:
+    """``send()`` puts ``src`` into ``receiver``: the rate, and the CPU and peak
+    RSS of ``measured``, the ``end`` ("receiver" or "sender") they are named for."""
     size = src.stat().st_size
     receiver.clean_downloads()
-    receiver.reset_peak_rss()
-    cpu = receiver.cpu_seconds()
-    seconds = sender.send(src, alias)
-    if (receiver.downloads / src.name).stat().st_size != size:
-        raise RuntimeError(f"{alias} holds a file of another size")
-    receiver.clean_downloads()
-    return {"MB_per_s": size / seconds / 1e6, "receiver_cpu_s_per_GiB": (receiver.cpu_seconds() - cpu) * GiB / size,
-            "receiver_peak_MiB": receiver.peak_rss_mib()}
-
-
-def localsend_receiving(setup: Setup, hosts: List[Host], work: Path, https: bool, src: Path,
-                        reps: int) -> Dict[str, Any]:
-    """localsendd sends ``src`` to tnet (LOCALSEND=1) and to another localsendd, alternately."""
-    bin_dir = localsendd_bin()
-    sender, peer = (Localsendd(h, work, https, bin_dir) for h in hosts[:2])
-    [tnet] = start_daemons(setup, hosts[2:3], work, LOCALSEND="1", LOCALSEND_HTTPS="1" if https else "0")
-    for lsd in (peer, sender):
-        setup.later(lsd.stop)
-        lsd.start()
-    for alias in (tnet.host.name, peer.alias):
-        wait_for(f"localsendd to find {alias}", partial(sender.sees, alias), 60.0, 0.5)
-    figures = alternating(f"localsend {'HTTPS' if https else 'HTTP'}", reps, {
-        "tnet": partial(received_from, sender, tnet, tnet.host.name, src),
-        "localsendd": partial(received_from, sender, peer, peer.alias, src)})
-    for process in (sender, peer, tnet):
-        process.stop()
-    return figures
-
-
-def bench_localsend_receive(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int) -> None:
-    """localsendd -> tnet against localsendd -> localsendd, over HTTP and over HTTPS,
-    in three namespaces with a default route each (localsendd joins its
-    multicast group through it)."""
-    hosts = bridged_hosts(setup, 3, "ls", default_route=True)
-    res["localsend_receive"] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD}
-    for https in (False, True):
-        protocol = "https" if https else "http"
-        res["localsend_receive"][protocol] = localsend_receiving(setup, hosts, work / protocol, https, src, reps)
-
-
-def sent_to(send: Callable[[], float], sender: Process, receiver: Localsendd, src: Path) -> Dict[str, float]:
-    """``send()`` puts ``src`` into ``receiver``: the rate, and the sender's CPU and peak RSS."""
-    size = src.stat().st_size
-    receiver.clean_downloads()
-    sender.reset_peak_rss()
-    cpu = sender.cpu_seconds()
+    measured.reset_peak_rss()
+    cpu = measured.cpu_seconds()
     seconds = send()
     if (receiver.downloads / src.name).stat().st_size != size:
-        raise RuntimeError(f"{receiver.alias} holds a file of another size")
+        raise RuntimeError(f"{src.name} landed with another size")
     receiver.clean_downloads()
-    return {"MB_per_s": size / seconds / 1e6, "sender_cpu_s_per_GiB": (sender.cpu_seconds() - cpu) * GiB / size,
-            "sender_peak_MiB": sender.peak_rss_mib()}
+    return {"MB_per_s": size / seconds / 1e6, f"{end}_cpu_s_per_GiB": (measured.cpu_seconds() - cpu) * GiB / size,
+            f"{end}_peak_MiB": measured.peak_rss_mib()}
 
 
 def tnet_sees(tnet: TnetDaemon, alias: str) -> bool:
-    peers = json.loads(tnet.cli("peers", "--json").stdout)
-    return any(p.get("kind") == "localsend" and p["name"] == alias for p in peers)
+    tnet.cli("discover", "--timeout", "1")
+    return any(p.get("kind") == "localsend" and p["name"] == alias
+               for p in json.loads(tnet.cli("peers", "--json").stdout))
 
 
-def localsend_sending(setup: Setup, hosts: List[Host], work: Path, https: bool, src: Path,
-                      reps: int) -> Dict[str, Any]:
-    """tnet (LOCALSEND=1) and a localsendd send ``src`` to one localsendd, alternately."""
+def localsend_both_ways(setup: Setup, hosts: List[Host], work: Path, https: bool, src: Path,
+                        reps: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """localsendd ``a`` sends ``src`` to tnet (LOCALSEND=1) and to localsendd ``b``,
+    alternately; then tnet and ``a`` send it to ``b``, alternately."""
     bin_dir = localsendd_bin()
-    sender, receiver = (Localsendd(h, work, https, bin_dir) for h in hosts[:2])
+    a, b = (Localsendd(h, work, https, bin_dir) for h in hosts[:2])
     [tnet] = start_daemons(setup, hosts[2:3], work, LOCALSEND="1", LOCALSEND_HTTPS="1" if https else "0")
-    for lsd in (receiver, sender):
+    for lsd in (b, a):
         setup.later(lsd.stop)
         lsd.start()
-    wait_for(f"localsendd to find {receiver.alias}", partial(sender.sees, receiver.alias), 60.0, 0.5)
-    wait_for(f"tnet to find {receiver.alias}", lambda: tnet.cli("discover", "--timeout", "1") and
-             tnet_sees(tnet, receiver.alias), 60.0, 0.5)
-    figures = alternating(f"to localsend {'HTTPS' if https else 'HTTP'}", reps, {
-        "tnet": partial(sent_to, partial(timed, partial(tnet.cli, "send", receiver.alias, str(src))), tnet,
-                        receiver, src),
-        "localsendd": partial(sent_to, partial(sender.send, src, receiver.alias), sender, receiver, src)})
-    for process in (sender, receiver, tnet):
+    for alias in (tnet.host.name, b.alias):
+        wait_for(f"localsendd to find {alias}", partial(a.sees, alias), 60.0, 0.5)
+    wait_for(f"tnet to find {b.alias}", partial(tnet_sees, tnet, b.alias), 60.0, 0.5)
+    kind = "HTTPS" if https else "HTTP"
+    received = alternating(f"localsendd -> tnet, {kind}", reps, {
+        "tnet": partial(one_file, partial(a.send, src, tnet.host.name), tnet, tnet, "receiver", src),
+        "localsendd": partial(one_file, partial(a.send, src, b.alias), b, b, "receiver", src)})
+    sent = alternating(f"tnet -> localsendd, {kind}", reps, {
+        "tnet": partial(one_file, partial(timed, partial(tnet.cli, "send", b.alias, str(src))), b, tnet, "sender",
+                        src),
+        "localsendd": partial(one_file, partial(a.send, src, b.alias), b, a, "sender", src)})
+    for process in (a, b, tnet):
         process.stop()
-    return figures
+    return received, sent
 
 
-def bench_localsend_send(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int) -> None:
-    """tnet -> localsendd against localsendd -> localsendd, over HTTP and over
-    HTTPS, in three namespaces of their own with a default route each."""
-    hosts = bridged_hosts(setup, 3, "lt", default_route=True)
-    res["localsend_send"] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD}
+def bench_localsend(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int) -> None:
+    """localsendd -> tnet and tnet -> localsendd, each against localsendd ->
+    localsendd, over HTTP and over HTTPS, in three namespaces with a default
+    route each (localsendd joins its multicast group through it)."""
+    hosts = bridged_hosts(setup, 3, "ls", default_route=True)
+    for key in ("localsend_receive", "localsend_send"):
+        res[key] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD}
     for https in (False, True):
         protocol = "https" if https else "http"
-        res["localsend_send"][protocol] = localsend_sending(setup, hosts, work / protocol, https, src, reps)
+        res["localsend_receive"][protocol], res["localsend_send"][protocol] = localsend_both_ways(
+            setup, hosts, work / protocol, https, src, reps)
 
 
 # --- The table ------------------------------------------------------------------------------
@@ -1187,29 +1154,18 @@ def fanout_rows(f: Dict[str, Any], row: Row) -> None:
         cpu["at once"]["median"] / cpu["in a row"]["median"], "", True)
 
 
-def localsend_receive_rows(r: Dict[str, Any], row: Row) -> None:
+def localsend_rows(r: Dict[str, Any], row: Row, direction: str, end: str) -> None:
+    """``direction``: "localsendd → tnet" or "tnet → localsendd"; ``end``: the
+    side whose CPU and peak RSS were measured, "receiver" or "sender"."""
+    doing = "receiving" if end == "receiver" else "sending"
     for protocol in ("http", "https"):
         m = r[protocol]
-        rate, cpu, rss = m["MB_per_s"], m["receiver_cpu_s_per_GiB"], m["receiver_peak_MiB"]
+        rate, cpu, rss = m["MB_per_s"], m[f"{end}_cpu_s_per_GiB"], m[f"{end}_peak_MiB"]
         ratio = rate["tnet"]["median"] / rate["localsendd"]["median"]
-        what = f"{gib(r['bytes'])} localsendd → tnet, {protocol.upper()}"
+        what = f"{gib(r['bytes'])} {direction}, {protocol.upper()}"
         row(f"{what}, MB/s", fmt(rate["tnet"]), "localsendd → localsendd", fmt(rate["localsendd"]), ratio,
             "≥ 1.0", ratio >= 1.0)
-        row(f"{what}, receiver CPU s per GiB", fmt(cpu["tnet"], digits=2), "localsendd receiving",
-            fmt(cpu["localsendd"], digits=2), cpu["tnet"]["median"] / cpu["localsendd"]["median"], "", True)
-        row(f"{what}, peak RSS MiB", fmt(rss["tnet"], digits=1), "limit", str(RSS_LIMIT_MIB),
-            rss["tnet"]["max"] / RSS_LIMIT_MIB, "< 1", rss["tnet"]["max"] < RSS_LIMIT_MIB)
-
-
-def localsend_send_rows(s: Dict[str, Any], row: Row) -> None:
-    for protocol in ("http", "https"):
-        m = s[protocol]
-        rate, cpu, rss = m["MB_per_s"], m["sender_cpu_s_per_GiB"], m["sender_peak_MiB"]
-        ratio = rate["tnet"]["median"] / rate["localsendd"]["median"]
-        what = f"{gib(s['bytes'])} tnet → localsendd, {protocol.upper()}"
-        row(f"{what}, MB/s", fmt(rate["tnet"]), "localsendd → localsendd", fmt(rate["localsendd"]), ratio,
-            "≥ 1.0", ratio >= 1.0)
-        row(f"{what}, sender CPU s per GiB", fmt(cpu["tnet"], digits=2), "localsendd sending",
+        row(f"{what}, {end} CPU s per GiB", fmt(cpu["tnet"], digits=2), f"localsendd {doing}",
             fmt(cpu["localsendd"], digits=2), cpu["tnet"]["median"] / cpu["localsendd"]["median"], "", True)
         row(f"{what}, peak RSS MiB", fmt(rss["tnet"], digits=1), "limit", str(RSS_LIMIT_MIB),
             rss["tnet"]["max"] / RSS_LIMIT_MIB, "< 1", rss["tnet"]["max"] < RSS_LIMIT_MIB)
@@ -1217,7 +1173,8 @@ def localsend_send_rows(s: Dict[str, Any], row: Row) -> None:
 
 SECTION_ROWS: Tuple[Tuple[str, Callable[[Dict[str, Any], Row], None]], ...] = (
     ("previous", previous_rows), ("resume", resume_rows), ("fanout", fanout_rows),
-    ("localsend_receive", localsend_receive_rows), ("localsend_send", localsend_send_rows))
+    ("localsend_receive", lambda r, row: localsend_rows(r, row, "localsendd → tnet", "receiver")),
+    ("localsend_send", lambda r, row: localsend_rows(r, row, "tnet → localsendd", "sender")))
 
 
 def machine() -> Dict[str, str]:
@@ -1251,8 +1208,7 @@ def bench_issues_10_to_13(res: Dict[str, Any], only: Set[str], setup: Setup, wor
         shutil.rmtree(disk)
     if "localsend" in only:
         log(f"localsend: {size / GiB:g} GiB from {LOCALSENDD} to tnet and back, and to itself, HTTP and HTTPS")
-        bench_localsend_receive(res, setup, dst / "localsend", big, reps)
-        bench_localsend_send(res, setup, dst / "localsend-to", big, reps)
+        bench_localsend(res, setup, dst / "localsend", big, reps)
     if "resume" in only:
         half = src / "half.bin"
         random_file(half, size // 2)
