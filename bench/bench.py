@@ -21,7 +21,7 @@ iproute2 and openssl with apt-get when they are missing, and localsendd from
 PyPI into the tests' virtualenv (.venv-localsendd) for the LocalSend figures. Sends nothing anywhere but
 loopback and the namespaces it creates, and removes them in a ``finally``.
 
-Usage: bench/run [--quick] [--reps N] [--only SECTION,...] [--json PATH]
+Usage: bench/run [--quick] [--reps N] [--only SECTION,...] [--previous REV] [--code REV] [--json PATH]
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class Process:
     """A daemon this bench started, saving what it receives in ``downloads``; its figures from /proc."""
 
     proc: Optional[subprocess.Popen] = None
+    host: Host
     downloads: Path
 
     def clean_downloads(self) -> None:
@@ -190,6 +191,13 @@ class Process:
 
     def reset_peak_rss(self) -> None:
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+    def own_core(self, cpu: int) -> None:
+        """Run every thread on ``cpu`` alone and steer what eth0 receives to it
+        (RPS): the kernel's work for this end's packets stays with this end,
+        as on a machine of its own, instead of running inside the other's calls."""
+        run(self.host.argv(["sh", "-c", f"echo {1 << cpu:x} > /sys/class/net/eth0/queues/rx-0/rps_cpus"]))
+        run(["taskset", "-a", "-p", "-c", str(cpu), str(self.pid)])
 
     def cpu_seconds(self) -> float:
         """User and system time of every thread, ended ones included."""
@@ -671,11 +679,11 @@ def start_daemons(setup: Setup, hosts: List[Host], work: Path, code: Path = ROOT
 # --- The code before issues 10-13, side by side (issue 10) -------------------------------------
 
 
-def previous_code(into: Path) -> Path:
-    """The ``tnet`` package of PREVIOUS from git, compiled as an installed one is;
+def code_at(rev: str, into: Path) -> Path:
+    """The ``tnet`` package of ``rev`` from git, compiled as an installed one is;
     the folder to put on PYTHONPATH."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "tnet"], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tnet"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     run([PYTHON, "-m", "compileall", "-q", str(into / "tnet")])
     return into
@@ -696,15 +704,16 @@ def main_figures(a: TnetDaemon, b: TnetDaemon, big: Path, smalls: Path) -> Dict[
     return figures
 
 
-def bench_previous(res: Dict[str, Any], setup: Setup, work: Path, big: Path, smalls: Path, reps: int) -> None:
-    """The main figures with this code and with PREVIOUS, each on a veth pair of
-    its own: new -> new and old -> old (the old code speaks protocol version 1)."""
-    codes = {"new": ROOT, "old": previous_code(work / "code")}
+def bench_previous(res: Dict[str, Any], setup: Setup, work: Path, big: Path, smalls: Path, reps: int,
+                   old: str, new: str) -> None:
+    """The main figures with the code of ``new`` ("" for this checkout) and of
+    ``old``, each on a veth pair of its own: new -> new and old -> old."""
+    codes = {"new": code_at(new, work / "new") if new else ROOT, "old": code_at(old, work / "old")}
     sides: Dict[str, Measure] = {}
     for side, code in codes.items():
         a, b = start_daemons(setup, veth_pair(setup, f"p{side}"), work / side, code)
         sides[side] = partial(main_figures, a, b, big, smalls)
-    res["previous"] = {"rev": PREVIOUS, "bytes": big.stat().st_size, "small_files": len(os.listdir(smalls)),
+    res["previous"] = {"rev": old, "new_rev": new, "bytes": big.stat().st_size, "small_files": len(os.listdir(smalls)),
                        "figures": alternating("previous", reps, sides)}
 
 
@@ -947,20 +956,29 @@ class Localsendd(Process):
         return time.monotonic() - start
 
 
-def one_file(send: Callable[[], float], receiver: Process, measured: Process, end: str,
-             src: Path) -> Dict[str, float]:
-    """``send()`` puts ``src`` into ``receiver``: the rate, and the CPU and peak
-    RSS of ``measured``, the ``end`` ("receiver" or "sender") they are named for."""
+def one_file(send: Callable[[], float], sender: Process, receiver: Process, end: str,
+             src: Path, cores: bool) -> Dict[str, float]:
+    """``send()`` puts ``src`` from ``sender`` into ``receiver``: the rate, the
+    CPU and peak RSS of the ``end`` ("receiver" or "sender") measured, and the
+    CPU of both ends (on one machine the kernel charges each end for part of
+    the other's network work, so only their sum compares two senders fully).
+    ``cores``: each end on a core of its own (``Process.own_core``)."""
     size = src.stat().st_size
+    if cores:
+        sender.own_core(0)
+        receiver.own_core(1)
+    measured = sender if end == "sender" else receiver
     receiver.clean_downloads()
     measured.reset_peak_rss()
-    cpu = measured.cpu_seconds()
+    cpu, other = measured.cpu_seconds(), (receiver if end == "sender" else sender).cpu_seconds()
     seconds = send()
     if (receiver.downloads / src.name).stat().st_size != size:
         raise RuntimeError(f"{src.name} landed with another size")
     receiver.clean_downloads()
-    return {"MB_per_s": size / seconds / 1e6, f"{end}_cpu_s_per_GiB": (measured.cpu_seconds() - cpu) * GiB / size,
-            f"{end}_peak_MiB": measured.peak_rss_mib()}
+    used = measured.cpu_seconds() - cpu
+    both = used + (receiver if end == "sender" else sender).cpu_seconds() - other
+    return {"MB_per_s": size / seconds / 1e6, f"{end}_cpu_s_per_GiB": used * GiB / size,
+            "both_cpu_s_per_GiB": both * GiB / size, f"{end}_peak_MiB": measured.peak_rss_mib()}
 
 
 def tnet_sees(tnet: TnetDaemon, alias: str) -> bool:
@@ -970,7 +988,7 @@ def tnet_sees(tnet: TnetDaemon, alias: str) -> bool:
 
 
 def localsend_both_ways(setup: Setup, hosts: List[Host], work: Path, https: bool, src: Path,
-                        reps: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                        reps: int, cores: bool) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """localsendd ``a`` sends ``src`` to tnet (LOCALSEND=1) and to localsendd ``b``,
     alternately; then tnet and ``a`` send it to ``b``, alternately."""
     bin_dir = localsendd_bin()
@@ -984,28 +1002,29 @@ def localsend_both_ways(setup: Setup, hosts: List[Host], work: Path, https: bool
     wait_for(f"tnet to find {b.alias}", partial(tnet_sees, tnet, b.alias), 60.0, 0.5)
     kind = "HTTPS" if https else "HTTP"
     received = alternating(f"localsendd -> tnet, {kind}", reps, {
-        "tnet": partial(one_file, partial(a.send, src, tnet.host.name), tnet, tnet, "receiver", src),
-        "localsendd": partial(one_file, partial(a.send, src, b.alias), b, b, "receiver", src)})
+        "tnet": partial(one_file, partial(a.send, src, tnet.host.name), a, tnet, "receiver", src, cores),
+        "localsendd": partial(one_file, partial(a.send, src, b.alias), a, b, "receiver", src, cores)})
     sent = alternating(f"tnet -> localsendd, {kind}", reps, {
-        "tnet": partial(one_file, partial(timed, partial(tnet.cli, "send", b.alias, str(src))), b, tnet, "sender",
-                        src),
-        "localsendd": partial(one_file, partial(a.send, src, b.alias), b, a, "sender", src)})
+        "tnet": partial(one_file, partial(timed, partial(tnet.cli, "send", b.alias, str(src))), tnet, b, "sender",
+                        src, cores),
+        "localsendd": partial(one_file, partial(a.send, src, b.alias), a, b, "sender", src, cores)})
     for process in (a, b, tnet):
         process.stop()
     return received, sent
 
 
-def bench_localsend(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int) -> None:
+def bench_localsend(res: Dict[str, Any], setup: Setup, work: Path, src: Path, reps: int, cores: bool) -> None:
     """localsendd -> tnet and tnet -> localsendd, each against localsendd ->
     localsendd, over HTTP and over HTTPS, in three namespaces with a default
-    route each (localsendd joins its multicast group through it)."""
+    route each (localsendd joins its multicast group through it); ``cores``:
+    each end of a send on a core of its own."""
     hosts = bridged_hosts(setup, 3, "ls", default_route=True)
     for key in ("localsend_receive", "localsend_send"):
-        res[key] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD}
+        res[key] = {"bytes": src.stat().st_size, "localsendd": LOCALSENDD, "one_core_each": cores}
     for https in (False, True):
         protocol = "https" if https else "http"
         res["localsend_receive"][protocol], res["localsend_send"][protocol] = localsend_both_ways(
-            setup, hosts, work / protocol, https, src, reps)
+            setup, hosts, work / protocol, https, src, reps, cores)
 
 
 # --- The table ------------------------------------------------------------------------------
@@ -1122,6 +1141,8 @@ def previous_rows(p: Dict[str, Any], row: Row) -> None:
         new, old = p["figures"][name]["new"], p["figures"][name]["old"]
         met = new["median"] >= old["min"] if more_is_better else new["median"] <= old["max"]
         figure = "new / old: " + label.format(size=gib(p["bytes"]), files=p["small_files"])
+        if p.get("new_rev"):
+            figure = figure.replace("new / old", f"{p['new_rev']} / old")
         row(figure, fmt(new, scale, digits), f"old ({p['rev']})", fmt(old, scale, digits),
             new["median"] / old["median"], "within noise", met)
 
@@ -1162,11 +1183,15 @@ def localsend_rows(r: Dict[str, Any], row: Row, direction: str, end: str) -> Non
         m = r[protocol]
         rate, cpu, rss = m["MB_per_s"], m[f"{end}_cpu_s_per_GiB"], m[f"{end}_peak_MiB"]
         ratio = rate["tnet"]["median"] / rate["localsendd"]["median"]
-        what = f"{gib(r['bytes'])} {direction}, {protocol.upper()}"
+        what = f"{gib(r['bytes'])} {direction}, {protocol.upper()}{', a core each' if r.get('one_core_each') else ''}"
         row(f"{what}, MB/s", fmt(rate["tnet"]), "localsendd → localsendd", fmt(rate["localsendd"]), ratio,
             "≥ 1.0", ratio >= 1.0)
         row(f"{what}, {end} CPU s per GiB", fmt(cpu["tnet"], digits=2), f"localsendd {doing}",
             fmt(cpu["localsendd"], digits=2), cpu["tnet"]["median"] / cpu["localsendd"]["median"], "", True)
+        both = m.get("both_cpu_s_per_GiB")
+        if both:
+            row(f"{what}, CPU s per GiB, both ends", fmt(both["tnet"], digits=2), "localsendd → localsendd",
+                fmt(both["localsendd"], digits=2), both["tnet"]["median"] / both["localsendd"]["median"], "", True)
         row(f"{what}, peak RSS MiB", fmt(rss["tnet"], digits=1), "limit", str(RSS_LIMIT_MIB),
             rss["tnet"]["max"] / RSS_LIMIT_MIB, "< 1", rss["tnet"]["max"] < RSS_LIMIT_MIB)
 
@@ -1191,14 +1216,14 @@ def machine() -> Dict[str, str]:
 
 
 def bench_issues_10_to_13(res: Dict[str, Any], only: Set[str], setup: Setup, work: Path, src: Path, dst: Path,
-                          reps: int) -> None:
+                          reps: int, revs: Tuple[str, str], cores: bool) -> None:
     """The sections of issues 10-13, each in namespaces of its own, before the
     4 GiB memory test (see main). Their files: ``src/big.bin`` and ``src/small``."""
     big = src / "big.bin"
     size = big.stat().st_size
     if "previous" in only:
-        log(f"previous: this code and {PREVIOUS} side by side, {size / GiB:g} GiB and small files")
-        bench_previous(res, setup, dst / "previous", big, src / "small", reps)
+        log(f"previous: {revs[1] or 'this code'} and {revs[0]} side by side, {size / GiB:g} GiB and small files")
+        bench_previous(res, setup, dst / "previous", big, src / "small", reps, *revs)
     if "fanout" in only:
         disk = work / "disk"  # not a tmpfs: what the sender reads comes from a disk
         disk.mkdir()
@@ -1208,7 +1233,7 @@ def bench_issues_10_to_13(res: Dict[str, Any], only: Set[str], setup: Setup, wor
         shutil.rmtree(disk)
     if "localsend" in only:
         log(f"localsend: {size / GiB:g} GiB from {LOCALSENDD} to tnet and back, and to itself, HTTP and HTTPS")
-        bench_localsend(res, setup, dst / "localsend", big, reps)
+        bench_localsend(res, setup, dst / "localsend", big, reps, cores)
     if "resume" in only:
         half = src / "half.bin"
         random_file(half, size // 2)
@@ -1223,6 +1248,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="repetitions per figure (5; 3 with --quick)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--modes", default="veth,loopback", help="veth, loopback or both")
+    parser.add_argument("--previous", default=PREVIOUS, help=f"old code of `previous`, a git revision ({PREVIOUS})")
+    parser.add_argument("--code", default="", help="new code of `previous`, a git revision (this checkout)")
+    parser.add_argument("--one-core-each", action="store_true",
+                        help="LocalSend figures with each end of a send on a core of its own")
     parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "results.json"), help="where to write")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -1286,7 +1315,7 @@ def main() -> int:
             if "concurrent" in only:
                 log(f"{mode}: 20 concurrent transfers of {each / MiB:g} MiB")
                 bench_concurrent(res, a, b, concurrent, max(3, reps - 2))
-        bench_issues_10_to_13(res, only, setup, work, src, dst, reps)
+        bench_issues_10_to_13(res, only, setup, work, src, dst, reps, (args.previous, args.code), args.one_core_each)
         if "rss" in only:
             # Last of the transfers: writing and freeing gigabytes makes the
             # next minutes' page allocations slower on some virtual machines
