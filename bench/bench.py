@@ -21,7 +21,8 @@ iproute2 and openssl with apt-get when they are missing, and localsendd from
 PyPI into the tests' virtualenv (.venv-localsendd) for the LocalSend figures. Sends nothing anywhere but
 loopback and the namespaces it creates, and removes them in a ``finally``.
 
-Usage: bench/run [--quick] [--reps N] [--only SECTION,...] [--previous REV] [--code REV] [--json PATH]
+Usage: bench/run [--quick] [--reps N] [--only SECTION,...] [--previous REV] [--code REV]
+                 [--one-core-each] [--json PATH]
 """
 
 from __future__ import annotations
