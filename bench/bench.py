@@ -968,16 +968,16 @@ def one_file(send: Callable[[], float], sender: Process, receiver: Process, end:
     if cores:
         sender.own_core(0)
         receiver.own_core(1)
-    measured = sender if end == "sender" else receiver
+    measured, other = (sender, receiver) if end == "sender" else (receiver, sender)
     receiver.clean_downloads()
     measured.reset_peak_rss()
-    cpu, other = measured.cpu_seconds(), (receiver if end == "sender" else sender).cpu_seconds()
+    cpu, other_cpu = measured.cpu_seconds(), other.cpu_seconds()
     seconds = send()
     if (receiver.downloads / src.name).stat().st_size != size:
         raise RuntimeError(f"{src.name} landed with another size")
     receiver.clean_downloads()
     used = measured.cpu_seconds() - cpu
-    both = used + (receiver if end == "sender" else sender).cpu_seconds() - other
+    both = used + other.cpu_seconds() - other_cpu
     return {"MB_per_s": size / seconds / 1e6, f"{end}_cpu_s_per_GiB": used * GiB / size,
             "both_cpu_s_per_GiB": both * GiB / size, f"{end}_peak_MiB": measured.peak_rss_mib()}
 
@@ -1182,17 +1182,15 @@ def localsend_rows(r: Dict[str, Any], row: Row, direction: str, end: str) -> Non
     doing = "receiving" if end == "receiver" else "sending"
     for protocol in ("http", "https"):
         m = r[protocol]
-        rate, cpu, rss = m["MB_per_s"], m[f"{end}_cpu_s_per_GiB"], m[f"{end}_peak_MiB"]
+        rate, cpu, both, rss = m["MB_per_s"], m[f"{end}_cpu_s_per_GiB"], m["both_cpu_s_per_GiB"], m[f"{end}_peak_MiB"]
         ratio = rate["tnet"]["median"] / rate["localsendd"]["median"]
         what = f"{gib(r['bytes'])} {direction}, {protocol.upper()}{', a core each' if r.get('one_core_each') else ''}"
         row(f"{what}, MB/s", fmt(rate["tnet"]), "localsendd → localsendd", fmt(rate["localsendd"]), ratio,
             "≥ 1.0", ratio >= 1.0)
         row(f"{what}, {end} CPU s per GiB", fmt(cpu["tnet"], digits=2), f"localsendd {doing}",
             fmt(cpu["localsendd"], digits=2), cpu["tnet"]["median"] / cpu["localsendd"]["median"], "", True)
-        both = m.get("both_cpu_s_per_GiB")
-        if both:
-            row(f"{what}, CPU s per GiB, both ends", fmt(both["tnet"], digits=2), "localsendd → localsendd",
-                fmt(both["localsendd"], digits=2), both["tnet"]["median"] / both["localsendd"]["median"], "", True)
+        row(f"{what}, CPU s per GiB, both ends", fmt(both["tnet"], digits=2), "localsendd → localsendd",
+            fmt(both["localsendd"], digits=2), both["tnet"]["median"] / both["localsendd"]["median"], "", True)
         row(f"{what}, peak RSS MiB", fmt(rss["tnet"], digits=1), "limit", str(RSS_LIMIT_MIB),
             rss["tnet"]["max"] / RSS_LIMIT_MIB, "< 1", rss["tnet"]["max"] < RSS_LIMIT_MIB)
 
