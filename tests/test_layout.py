@@ -27,7 +27,7 @@ ALLOWED = {
     "keep": {"protocol", "store"},
     "inbound": {"api", "protocol", "keep", "peers", "store", "util"},
     "outbound": {"api", "history", "protocol", "peers", "util", "walk"},
-    "sending": {"protocol", "discovery", "outbound", "peers", "walk"},
+    "sending": {"api", "protocol", "discovery", "outbound", "peers", "walk"},
     "commands": {"api", "protocol", "clients", "discovery", "loop", "lsdoor", "lsfind", "lssend", "outbound", "peers",
                  "recorder", "sending", "store", "util", "walk"},
     "daemon": {"protocol", "clients", "commands", "discovery", "history", "inbound", "keep", "loop", "lsdoor",

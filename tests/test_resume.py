@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -170,3 +171,32 @@ def test_a_peer_that_was_never_reached_fails_at_once(net, tmp_path):
         closed_port.bind((next_address(), 0))
         out = a.cli("send", closed_port.getsockname()[0], str(f), timeout=60)
     assert out.returncode == 4 and "retrying" not in out.stdout and "resuming" not in out.stdout
+
+
+def test_a_send_between_two_attempts_is_listed_and_cancelled(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
+    sent_events, offers = a.events(), b.events()
+    f = random_file(tmp_path / "f.bin", MiB, seed=7)
+    send = subprocess.Popen(a.cli_args("send", "--json", b.address, str(f)), env=a.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        offers.wait_for(lambda e: e["event"] == "offer")
+        assert b.terminate() == 0  # it says `shutdown`: the sender waits and tries again, then finds nobody
+        # The fourth failed attempt is followed by a 4 s wait, and the send is listed through it.
+        failed = wait_until(lambda: [e for e in list(sent_events.events) if e["event"] == "transfer-failed"][3:],
+                            what="four failed attempts")[0]
+        [listed] = [t for t in a.request("transfers")[-1]["transfers"] if t["id"] == failed["id"]]
+        assert listed["direction"] == "out" and listed["file"] == "" and listed["size"] == MiB
+        assert a.request("cancel", id=failed["id"])[-1]["ok"]
+        stdout, _ = send.communicate(timeout=60)
+    finally:
+        if send.poll() is None:
+            send.kill()
+            send.communicate()
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert send.returncode == 8 and lines[-1]["code"] == "cancelled"
+    assert [line["attempt"] for line in lines if line.get("event") == "retrying"] == [2, 3, 4, 5]
+    sent_events.wait_for(lambda e: e["event"] == "transfer-failed" and e["code"] == "cancelled"
+                         and e["id"] == failed["id"], what="the send's end")
+    assert a.request("transfers")[-1]["transfers"] == []
+    assert a.request("history")[-1]["entries"][-1]["code"] == "cancelled"

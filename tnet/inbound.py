@@ -491,7 +491,7 @@ class InboundPeer(PeerConn):
             self.ctx.publish(api.transfer_done_event(summary))
         else:
             self.ctx.publish(api.transfer_failed_event(summary, *self.first_failure))
-        self.ctx.registry.transfers.pop(self.id, None)
+        self.ctx.registry.forget(self)
 
     def on_concluded(self, code: str, message: str) -> None:
         batch = self.offer.batch if self.offer is not None else ""

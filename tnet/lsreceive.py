@@ -349,7 +349,7 @@ class LsReceive(Receiving):
     def over(self) -> None:
         self.closed = True
         self.batch.close()
-        self.ctx.registry.transfers.pop(self.id, None)
+        self.ctx.registry.forget(self)
         self.on_over(self)
 
     def on_deadline(self) -> None:

@@ -710,7 +710,7 @@ class LsSend(Reporting):
         self.hashes.close()
         self.close_file()
         self.caller.close()
-        self.ctx.registry.transfers.pop(self.id, None)
+        self.ctx.registry.forget(self)
         self.localsend.sending.discard(self)
 
 

@@ -64,6 +64,11 @@ class PeerRegistry:
         self.refusals: Set["Refusal"] = set()  # being told why they are not taken
         self.transfers: Dict[str, Transfer] = {}  # by transfer id, while open
 
+    def forget(self, transfer: Transfer) -> None:
+        """``transfer`` is over; the id may be another's by now (the next attempt of a send, or the send itself)."""
+        if self.transfers.get(transfer.id) is transfer:
+            del self.transfers[transfer.id]
+
     def inbound_count(self) -> int:
         return sum(len(conns) for conns in self.inbound.values())
 
@@ -271,7 +276,7 @@ class PeerConn(Conn):
         """Record the exchange's failure once and let the end report it."""
         if self.result is None:
             self.result = (code, message)
-            self.ctx.registry.transfers.pop(self.id, None)  # over, though an error frame may still be going out
+            self.ctx.registry.forget(self)  # over, though an error frame may still be going out
             self.on_concluded(code, message)
 
     def on_concluded(self, code: str, message: str) -> None:
@@ -317,7 +322,7 @@ class PeerConn(Conn):
         self.loop.done(self)  # no more slices of work of ours
         if self.result is None and self.id:
             self.conclude("peer-gone", f"connection to {self.address} closed")
-        self.ctx.registry.transfers.pop(self.id, None)
+        self.ctx.registry.forget(self)
 
     def describe(self) -> Dict[str, Any]:
         """What `tnet transfers` shows of this transfer (§6.1)."""

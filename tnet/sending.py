@@ -10,7 +10,8 @@ receiver puts them in the same top folders), and each file the receiver
 kept part of is resumed from there. A receiver that speaks only version 1
 is offered the batch again in version 1, without resume. The local client
 sees one transfer: one id, one final answer, a ``retrying`` line per new
-attempt.
+attempt; between two attempts the send itself is the open transfer of that
+id, listed and cancellable.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+from . import api
 from . import protocol as proto
 from .discovery import Discovery
 from .outbound import Client, OutboundPeer
@@ -47,6 +49,7 @@ class SendJob:
         self.scheduled = math.inf
         self.job: Any = None  # what an attempt sets on its client; the job itself is the attempt
         self.address = ""
+        self.peer_name = ""  # as the receiver's daemon said it, once one attempt heard it
         self.batch = os.urandom(16).hex()
         self.version = proto.VERSION
         self.id = ""
@@ -150,6 +153,10 @@ class SendJob:
                              **self.summary(summary))
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
+        if self.waiting():  # `tnet cancel` between two attempts
+            self.ended_waiting(code, message)
+            self.fail_for_good(code, message)
+            return
         moved = self.take_resumed()
         if extra and self.failures:  # the attempt reached its end, with files that failed: for good
             self.fail_with_failures(extra)
@@ -192,7 +199,10 @@ class SendJob:
 
     def retry_later(self, code: str, message: str) -> None:
         wait = BACKOFF_S[min(self.failed_in_a_row - 1, len(BACKOFF_S) - 1)]
+        if self.attempt is not None:
+            self.peer_name = self.attempt.peer_name or self.peer_name
         self.attempt = None
+        self.ctx.registry.transfers[self.id] = self  # listed and cancellable until the next attempt takes the id
         self.client.reply({"event": "retrying", "id": self.id, "attempt": self.attempts + 1, "code": code,
                            "error": message, "in": wait})
         self.deadline = self.ctx.loop.clock() + wait
@@ -200,7 +210,25 @@ class SendJob:
 
     def on_deadline(self) -> None:
         self.deadline = math.inf
+        self.ctx.registry.forget(self)
         self.start_attempt()
+
+    def waiting(self) -> bool:
+        """Between two attempts: the backoff runs."""
+        return self.deadline < math.inf and not self.answered
+
+    def ended_waiting(self, code: str, message: str) -> None:
+        """No attempt runs to say it: the send says it ended."""
+        self.ctx.publish(api.transfer_failed_event(self.describe(), code, message))
+
+    def describe(self) -> Dict[str, Any]:
+        """What `tnet transfers` shows of the send between two attempts (§6.1):
+        the files the receiver saved so far, nothing in flight."""
+        entries = self.walk.entries
+        saved = sum(entries.size(i) for i, answer in enumerate(self.answered_entries) if answer == SAVED)
+        return {"id": self.id, "direction": "out", "peer": self.address, "name": self.peer_name, "file": "",
+                "bytes": saved, "size": entries.total, "file_bytes": 0, "file_size": 0,
+                "seconds": round(self.ctx.loop.clock() - self.started, 3)}
 
     def summary(self, last: Dict[str, Any]) -> Dict[str, Any]:
         entries = self.walk.entries
@@ -220,6 +248,8 @@ class SendJob:
 
     def cancel(self, code: str, message: str) -> None:
         """The client is gone, or asked to stop."""
+        if self.waiting():
+            self.ended_waiting(code, message)
         self.answered = True
         attempt, self.attempt = self.attempt, None
         self.close()
@@ -232,7 +262,9 @@ class SendJob:
 
     def close(self) -> None:
         self.closed = True
+        self.deadline = math.inf
         self.ctx.loop.done(self)
+        self.ctx.registry.forget(self)
 
 
 class FanOut:
