@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
 from conftest import ROOT, random_file, tnet_on_path, wait_until
 
 from tnet import cli
@@ -194,6 +195,29 @@ def test_every_command_takes_json_and_its_output_parses(net, tmp_path):
     help_text = a.cli("--help").stdout
     for name in re.findall(r"^    (\w+)", help_text, re.M):  # every subcommand listed
         assert "--json" in a.cli(name, "--help").stdout, name
+
+
+def test_options_go_anywhere_after_the_command():
+    parsed = cli.parse_command_line(["send", "laptop", "a.txt", "--json", "b/", "--retry-for", "5", "c"])
+    assert (parsed.peer, parsed.files, parsed.json, parsed.retry_for) == ("laptop", ["a.txt", "b/", "c"], True, 5.0)
+    parsed = cli.parse_command_line(["message", "laptop", "--pin", "1234", "lunch?"])
+    assert (parsed.peer, parsed.text, parsed.pin) == ("laptop", "lunch?", "1234")
+    assert vars(cli.parse_command_line(["send", "--json", "laptop", "a"])) == vars(
+        cli.parse_command_line(["send", "laptop", "a", "--json"]))
+    with pytest.raises(SystemExit) as unknown:
+        cli.parse_command_line(["send", "laptop", "a", "--bogus", "b"])
+    assert unknown.value.code == 2
+
+
+def test_a_send_with_an_option_between_its_files_sends_them_all(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo")
+    first, second = tmp_path / "1.txt", tmp_path / "2.txt"
+    first.write_text("one")
+    second.write_text("two")
+    out = a.cli("send", b.address, str(first), "--json", str(second))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["files"] == 2
+    assert sorted(os.listdir(b.downloads)) == ["1.txt", "2.txt"]
 
 
 def test_daemon_logs_json_with_json(net):

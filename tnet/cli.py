@@ -665,7 +665,8 @@ def follow_events(sock: socket.socket, args: argparse.Namespace, out: TextIO,
 # --- Arguments -------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The parser of `tnet`, and the parser of each command by its name."""
     parser = argparse.ArgumentParser(
         prog="tnet",
         description="Move files and short messages between machines on one local network.",
@@ -677,7 +678,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_peer_commands(sub)
     add_local_commands(sub)
-    return parser
+    return parser, sub.choices
+
+
+def parse_command_line(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The options of a command go anywhere after it, between its files too
+    (`tnet send laptop a.txt --json b.txt`): what the first pass leaves over,
+    the command's own parser takes again, options and positionals intermixed."""
+    parser, commands = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        words = sys.argv[1:] if argv is None else argv
+        after = words[words.index(args.command) + 1:]
+        args = commands[args.command].parse_intermixed_args(after, argparse.Namespace(command=args.command))
+    return args
 
 
 def add_command(sub: Any, name: str, handler: Callable[..., int], help_text: str, *examples: str,
@@ -783,7 +797,7 @@ JSON_HELP = {
 
 def main(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
          out: Optional[TextIO] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     env = dict(os.environ) if env is None else env
     out = sys.stdout if out is None else out
     try:
