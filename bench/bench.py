@@ -13,8 +13,8 @@ or two daemons on 127.231.0.2 and 127.231.0.3 (mode ``loopback``). Discovery
 runs 20 daemons in namespaces on one bridge, the fan-out 4 and LocalSend 3
 (with a default route each: localsendd joins its multicast group through it). Every file lives on a tmpfs
 mounted here; every destination is deleted before each run, so each tool pays
-for allocating new pages. Runs alternate between tools (A B A B ...), and the
-median and min-max of each are reported.
+for allocating new pages. Runs alternate between tools (A B A B ...) after one
+round that is not counted, and the median and min-max of each are reported.
 
 Needs root (namespaces, tmpfs) and installs socat, netcat-openbsd, iperf3,
 iproute2 and openssl with apt-get when they are missing, and localsendd from
@@ -42,7 +42,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -501,6 +501,7 @@ def bench_transfer(res: Dict[str, Any], mode: str, a: TnetDaemon, b: TnetDaemon,
     }
     rates: Dict[str, List[float]] = {name: [] for name in tools}
     cpu: Dict[str, List[float]] = {name: [] for name in tools}
+    warm_up(tools.values())
     for rep in range(reps):
         for name, measure in tools.items():
             before = cpu_used([a, b])
@@ -525,12 +526,17 @@ def bench_rss(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, files: List[Pat
 def bench_small(res: Dict[str, Any], a: TnetDaemon, b: TnetDaemon, folder: Path, scratch: Path,
                 reps: int) -> None:
     ha, hb = a.host, b.host
-    times: Dict[str, List[float]] = {"tnet": [], "tar|socat|tar": []}
-    for rep in range(reps):
-        times["tnet"].append(tnet_send(a, b, folder))
-        times["tar|socat|tar"].append(piped(
+    tools: Dict[str, Callable[[], float]] = {
+        "tnet": lambda: tnet_send(a, b, folder),
+        "tar|socat|tar": lambda: piped(
             ha, hb, f"tar c -C {folder.parent} {folder.name} | socat -u - TCP:{{addr}}:{{port}}",
-            "socat -u TCP-LISTEN:{port},bind={addr},reuseaddr - | tar x -C {dest}", scratch))
+            "socat -u TCP-LISTEN:{port},bind={addr},reuseaddr - | tar x -C {dest}", scratch),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in tools}
+    warm_up(tools.values())
+    for rep in range(reps):
+        for name, measure in tools.items():
+            times[name].append(measure())
         log(f"  small files rep {rep + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()))
     res["small_files"] = {"files": len(os.listdir(folder)), "seconds": {n: median_range(t) for n, t in times.items()}}
 
@@ -653,9 +659,20 @@ def bench_status(res: Dict[str, Any], d: TnetDaemon, reps: int) -> None:
 Measure = Callable[[], Dict[str, float]]  # one run of one side: its figures by name
 
 
+def warm_up(measures: Iterable[Callable[[], Any]]) -> None:
+    """One run of each, not counted: the first run of a section is its slowest,
+    whichever side runs it (a receiver of 1 GiB spent 2-2.5 s more system time
+    in it, tnet or localsendd alike), and counted it would land on the side
+    that goes first alone."""
+    for measure in measures:
+        measure()
+
+
 def alternating(what: str, reps: int, sides: Dict[str, Measure]) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """Run each side in turn, ``reps`` times (A B A B ...); for each figure, each
-    side's median and min-max: ``{figure: {side: median_range}}``."""
+    """Run each side in turn, ``reps`` times (A B A B ...), after one round that
+    is not counted; for each figure, each side's median and min-max:
+    ``{figure: {side: median_range}}``."""
+    warm_up(sides.values())
     runs: Dict[str, Dict[str, List[float]]] = {}
     for rep in range(reps):
         for side, measure in sides.items():
