@@ -421,6 +421,22 @@ def test_chunk_line_limit():
     assert (error.status, error.code) == (400, "chunk-line-too-long")
 
 
+def test_tiny_chunks_are_refused_past_the_free_ones():
+    """A chunk is a step of the loop: a body of one-byte chunks would cost it
+    seconds per MiB, so past FREE_CHUNKS a chunk must carry MIN_CHUNK_BYTES on average."""
+    def body(sizes):
+        return (b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+                + b"".join(b"%x\r\n" % n + b"x" * n + b"\r\n" for n in sizes) + b"0\r\n\r\n")
+    events = serve(body([1] * (h.FREE_CHUNKS - 1)))  # the last chunk is one more
+    assert b"".join(bytes(e[1]) for e in events if isinstance(e, tuple)) == b"x" * (h.FREE_CHUNKS - 1)
+    error = refusal("server", body([1] * h.FREE_CHUNKS))
+    assert (error.status, error.code) == (400, "chunks-too-small")
+    big = h.MIN_CHUNK_BYTES * 4
+    earned = [big] * 100 + [1] * (h.FREE_CHUNKS + 298)  # 400 chunks earned by the big ones, less the last chunk
+    assert serve(body(earned), limit=10 ** 6)[1] == ("data", b"x" * sum(earned))
+    assert refusal("server", body([big] * 100 + [1] * (h.FREE_CHUNKS + 400)), limit=10 ** 6).code == "chunks-too-small"
+
+
 def test_trailer_limit():
     def trailer(length):
         return b"T: " + b"t" * (length - 5) + b"\r\n"

@@ -153,6 +153,37 @@ def test_allow_from_refuses_files_and_messages_with_403(ls_net):
     assert tree(d.downloads) == []
 
 
+def test_a_refused_sender_takes_no_room_from_the_allowed_ones(ls_net):
+    """ALLOW_FROM and the PIN are checked at the head of a prepare-upload: the
+    body of a refused one is dropped as it comes, never held with the others'."""
+    d = ls_net("alpha", https=False, ALLOW_FROM="127.0.0.3/32", LOCALSEND_PIN="4711")
+    limit = 16 * 1024 * 1024  # lsdoor.MAX_BUFFERED_JSON_BYTES
+    held = []
+    for n, query in enumerate(("?pin=4711", "")):  # refused by ALLOW_FROM; allowed but no PIN
+        sock = raw(d.address, d.ls_port, source=f"127.0.2.{n + 1}" if query else "127.0.0.3")
+        sock.sendall(b"POST %s%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % (ls.PREPARE_UPLOAD_PATH.encode(), query.encode(), limit // 2) + b" " * (limit // 2 - 1))
+        held.append(sock)
+    wait_until(lambda: d.request("status")[-1]["localsend"]["connections"] == 2, what="two connections")
+    status, answer = sender(d, source="127.0.0.3").prepare({"a": entry("a", "a.bin", b"x")}, pin="4711")
+    assert status == 200, answer
+    for sock, expected in zip(held, (b"403", b"401")):
+        sock.sendall(b" ")  # the last byte: the refusal is the answer, the connection stays usable
+        assert sock.recv(12)[9:12] == expected
+        sock.close()
+
+
+def test_expect_100_continue_is_answered_only_for_a_body_taken(ls_net):
+    d = ls_net("alpha", https=False)
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with raw(d.address, d.ls_port) as sock:
+        sock.sendall(head % (ls.REGISTER_PATH.encode(), 2))
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    with raw(d.address, d.ls_port) as sock:
+        sock.sendall(head % (ls.REGISTER_PATH.encode(), ls.MAX_REGISTER_BYTES + 1))
+        assert sock.recv(12) == b"HTTP/1.1 413"  # not a 100 first: that body would be refused
+
+
 def test_pin_401_then_429_after_three_wrong_ones(ls_net):
     d = ls_net("alpha", https=False, LOCALSEND_PIN="4711")
     files = {"a": entry("a", "a.bin", b"x")}
@@ -217,7 +248,7 @@ def test_not_enough_space_is_507_before_any_byte(ls_net):
 # --- hostile senders ---------------------------------------------------------------------------
 
 HOSTILE_NAMES = ["../x", "a/../../x", "/etc/x", "a\x00b", "a\nb", "\x1b[31mred", "a\x7fb", "\u202etxt.exe",
-                 "x" * 256, ".", "..", "a/./b", "", "a//b", "a/"]
+                 "x" * 256, ".", "..", "a/./b", "", "a//b", "a/", ".tnet-" + "f" * 32 + "/x"]
 
 
 def test_hostile_names_fail_their_file_and_the_rest_lands(ls_net, tmp_path):

@@ -216,7 +216,7 @@ def test_malformed_streams_raise_the_modules_own_error(code, stream):
 
 
 HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "..", ".", "a\x00b", "a\nb", "a\x1b[31m", "a\\b", "x" * 256,
-                 "\u202eexe.txt", "", "a\u2028b"]
+                 "\u202eexe.txt", "", "a\u2028b", ".tnet-" + "0" * 32]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)

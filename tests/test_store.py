@@ -192,6 +192,10 @@ def test_leftovers_of_a_killed_daemon_go_and_nothing_else(tmp_path):
     os.close(killed.work.lock_fd)  # as a kill -9 would release it
     (tmp_path / "tmp" / ".tnet-other.part").write_bytes(b"not in a work folder")
     (tmp_path / "tmp" / "unrelated").write_bytes(b"someone else's")
+    users = tmp_path / "tmp" / ".tnet-holiday"  # a folder of the user's own, old and without a lock
+    users.mkdir()
+    (users / "photo.jpg").write_bytes(b"keep me")
+    os.utime(users, (0, 0))
     stranger = tmp_path / "tmp" / (WORK_PREFIX + "3" * 32)
     stranger.mkdir()
     (stranger / "1.part").write_bytes(b"another user's")
@@ -203,6 +207,7 @@ def test_leftovers_of_a_killed_daemon_go_and_nothing_else(tmp_path):
     assert WORK_PREFIX + "2" * 32 not in left
     assert WORK_PREFIX + "1" * 32 in left and WORK_PREFIX + "4" * 32 in left
     assert ".tnet-other.part" in left and "unrelated" in left
+    assert (users / "photo.jpg").read_bytes() == b"keep me"
     assert (stranger / "1.part").exists()
     assert sorted(os.listdir(tmp_path / "tmp" / (WORK_PREFIX + "1" * 32))) == ["1.part", store.LOCK_NAME]
     later.close()

@@ -44,6 +44,9 @@ MAX_HEADER_BYTES = 16 * 1024  # the field lines of one head, as h11 allows; real
 MAX_HEADERS = 100  # fields in one head, as CPython's http.client allows
 MAX_CHUNK_LINE_BYTES = 1024  # a chunk size and its extensions, which nobody needs
 MAX_TRAILER_BYTES = 8 * 1024  # trailer fields after a chunked body, which are dropped unread
+# Each chunk costs a step of its own: chunks of a byte each would take the loop
+# seconds per MiB. Past the first FREE_CHUNKS, a body needs MIN_CHUNK_BYTES a chunk.
+FREE_CHUNKS, MIN_CHUNK_BYTES = 64, 1024
 MAX_HELD_BYTES = 64 * 1024  # what a peer may send ahead of our answer (pipelining): a few heads
 MAX_LENGTH_DIGITS = 18  # a Content-Length of 10**18 bytes (an exabyte) or more is refused as too large
 
@@ -409,6 +412,7 @@ class _Body:
         self._left = 0  # bytes of the body or chunk still due
         self._limit_left = 0  # bytes the caller still accepts of a chunked or EOF-delimited body
         self._trailer_left = 0
+        self._chunks = self._chunk_bytes = 0  # of the current chunked body: chunks and their bytes so far
         self._saw_cr = False
         self._steps = {
             State.LENGTH: self._step_data, State.CHUNK_DATA: self._step_data,
@@ -422,6 +426,7 @@ class _Body:
         if length is not None and length > max_bytes:
             raise HttpError(413, "body-too-large", f"{length} bytes, at most {max_bytes} taken here")
         self._limit_left = max_bytes
+        self._chunks = self._chunk_bytes = 0
         if chunked:
             self.state = State.CHUNK_SIZE
         elif length is None:
@@ -465,6 +470,10 @@ class _Body:
         if size > self._limit_left:
             raise HttpError(413, "body-too-large", f"a chunk of {size} bytes, {self._limit_left} still taken")
         self._limit_left -= size
+        self._chunks, self._chunk_bytes = self._chunks + 1, self._chunk_bytes + size
+        if self._chunks > FREE_CHUNKS + self._chunk_bytes // MIN_CHUNK_BYTES:
+            raise HttpError(400, "chunks-too-small", f"{self._chunks} chunks for {self._chunk_bytes} bytes: "
+                                                     f"at most {FREE_CHUNKS}, then one per {MIN_CHUNK_BYTES} bytes")
         if size:
             self.state, self._left = State.CHUNK_DATA, size
         else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import functools
 import logging
 import math
 import socket
@@ -91,6 +92,7 @@ class DoorConn(HttpConn):
         self.body = bytearray()
         self.body_done = False  # the request's body is read to its end: the connection may carry another
         self.upload: Optional[Upload] = None
+        self.dropping = False  # the request is refused already: its body is read and dropped, never held
         self.held: Optional[LsReceive] = None  # the transfer whose prepare-upload waits for its answer
         self.moved = 0  # bytes since the deadline was last pushed back
         door.track(self)
@@ -126,20 +128,25 @@ class DoorConn(HttpConn):
         elif route[1] is None:
             start_upload(self, request)
         else:
-            self.handler = route[1]
+            refusal = refused_at_head(self, request) if request.path == ls.PREPARE_UPLOAD_PATH else None
+            self.dropping = refusal is not None
+            self.handler = route[1] if refusal is None else functools.partial(answer_refusal, *refusal)
             self.accept(route[2])
 
     def accept(self, limit: int) -> None:
-        if self.request is not None and (self.request.header("expect") or "").lower() == "100-continue":
-            self.send_plain(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it before a large body
         try:
             events = self.http.accept_body(limit)
         except http.HttpError as exc:
             self.on_http_error(exc)
             return
+        expect = self.request is not None and (self.request.header("expect") or "").lower() == "100-continue"
+        if expect and not self.dropping:
+            self.send_plain(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it before a large body
         self.dispatch(events)
 
     def on_body(self, data: Any) -> None:
+        if self.dropping:
+            return
         if self.upload is not None:
             write_upload(self, self.upload, data)
         elif self.door.hold_json(self, len(data)):
@@ -276,18 +283,28 @@ def on_register(conn: DoorConn, request: http.Request, body: bytes) -> None:
     conn.reply(200, conn.door.info_body)
 
 
-def on_prepare_upload(conn: DoorConn, request: http.Request, body: bytes) -> None:
-    """A sender's offer, through tnet's policy, in the order the statuses are documented."""
+def refused_at_head(conn: DoorConn, request: http.Request) -> Optional[Tuple[int, bytes]]:
+    """What of a prepare-upload needs no body (ALLOW_FROM, then the PIN): a
+    refused sender's body never takes room from the others'."""
     door, cfg, address = conn.door, conn.door.config, conn.address
     if not cfg.allows(address):
-        conn.reply(403, error_body(f"{cfg.host_name} does not take files from {address}"))
-        return
+        return 403, error_body(f"{cfg.host_name} does not take files from {address}")
     pin = request.query.get("pin")
     status = door.pins.check(address, pin, door.loop.clock())
     if status != 200:
         why = "too many wrong PINs; wait a minute" if status == 429 else ("wrong PIN" if pin else "PIN required")
-        conn.reply(status, error_body(why))
-        return
+        return status, error_body(why)
+    return None
+
+
+def answer_refusal(status: int, body: bytes, conn: DoorConn, request: http.Request, dropped: bytes) -> None:
+    conn.reply(status, body)
+
+
+def on_prepare_upload(conn: DoorConn, request: http.Request, body: bytes) -> None:
+    """A sender's offer (ALLOW_FROM and the PIN passed at its head), through
+    tnet's policy, in the order the statuses are documented."""
+    door, cfg, address = conn.door, conn.door.config, conn.address
     offer = ls.decode_prepare_upload(body)
     if offer.message is not None:
         door.ctx.publish(api.message_event(address, offer.info.alias, offer.message))

@@ -45,6 +45,7 @@ to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # --- Limits -------------------------------------------------------------------
 
 MAX_NAME_BYTES = 255  # the common file-name limit of ext4, APFS, NTFS
+WORK_FOLDER_PREFIX, WORK_TOKEN_CHARS = ".tnet-", 32  # a daemon's private work folder: .tnet-<32 hex>
 MAX_PATH_PARTS = 64  # folder depth of one entry; deeper trees are rare and hostile
 MAX_HOST_NAME_BYTES = 64  # HOST_NAME_MAX on Linux
 MAX_MESSAGE_BYTES = 64 * 1024  # a notification, not a file transfer
@@ -267,7 +268,17 @@ def check_file_name(name: str) -> str:
         for char in name:
             if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
                 raise RemoteProtocolError("bad-name", f"forbidden character in {name!r}")
+    if is_work_folder_name(name):
+        raise RemoteProtocolError("bad-name", f"{name!r} is the name of a daemon's work folder")
     return name
+
+
+def is_work_folder_name(name: str) -> bool:
+    """A daemon's private work folder (.tnet-<32 hex>): a later daemon removes
+    it when no daemon holds it, so nothing received may be called so."""
+    token = name[len(WORK_FOLDER_PREFIX):]
+    return (name.startswith(WORK_FOLDER_PREFIX) and len(token) == WORK_TOKEN_CHARS
+            and all(c in "0123456789abcdef" for c in token))
 
 
 def check_path(parts: Any) -> Tuple[str, ...]:

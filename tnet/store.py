@@ -40,7 +40,7 @@ log = logging.getLogger("tnet")
 COPY_SLICE_BYTES = 8 * 1024 * 1024  # copied per turn of the loop: milliseconds, not a stall
 RELEASE_SLICE_BYTES = 256 * 1024 * 1024  # of a copied temp file, freed per turn (~40 ms on tmpfs)
 BUFFER_COPY_BYTES = 1024 * 1024  # where sendfile cannot copy between files
-WORK_PREFIX = ".tnet-"  # a daemon's private folder: .tnet-<32 hex>
+WORK_PREFIX = proto.WORK_FOLDER_PREFIX
 LOCK_NAME = "lock"  # held with flock for the daemon's life
 LOCKLESS_GRACE_S = 60.0  # a work folder with no lock this old is a leftover, not one being made
 MAX_TRIES = 10_000  # numbered names tried before a name counts as taken for good
@@ -236,7 +236,7 @@ def remove_leftovers(root: Root, now: float) -> Tuple[int, int]:
     users' folders and a running daemon's are never touched. (files, bytes)."""
     files = size = 0
     for entry in os.scandir(root.fd):
-        if not entry.name.startswith(WORK_PREFIX):
+        if not proto.is_work_folder_name(entry.name):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
