@@ -386,6 +386,20 @@ def test_cancel_by_the_sender_or_by_tnet_cancel_ends_it_and_cuts_an_upload(ls_ne
     nothing_left(d)
 
 
+def test_a_cancelled_offer_of_many_files_has_an_event_each_and_one_log_line(ls_net):
+    d = ls_net("alpha", https=False)
+    events = d.events()
+    s = sender(d)
+    status, answer = s.prepare({f"f{n}": entry(f"f{n}", f"{n}.bin", b"x") for n in range(2000)})
+    assert status == 200 and len(answer["files"]) == 2000
+    assert s.call("POST", f"{ls.CANCEL_PATH}?sessionId={answer['sessionId']}")[0] == 200
+    events.wait_for(lambda e: e["event"] == "transfer-failed")
+    failed = events.of("file-failed")
+    assert len(failed) == 2000 and {e["code"] for e in failed} == {"cancelled"}
+    assert {e["file"] for e in failed} == {f"{n}.bin" for n in range(2000)}
+    assert d.log().count(".bin: cancelled") == 1  # the log has the first; the events socket has each
+
+
 def test_a_stalled_upload_and_an_idle_session_time_out(ls_net):
     d = ls_net("alpha", https=False, IDLE_TIMEOUT="1")
     events = d.events()

@@ -85,6 +85,7 @@ class Receiving:
         self.loop = ctx.loop
         self.address = address
         self.offer = offer
+        self.names = {f.id: "/".join(f.path) for f in offer.files}  # a refused name is not here: it may be anything
         self.id = ""
         self.first_failure: Optional[Tuple[str, str]] = None
         self.reported: Set[str] = set()  # file ids that had their file-done or file-failed event
@@ -146,17 +147,11 @@ class Receiving:
 
     def file_failed_event(self, file_id: str, code: str, message: str) -> None:
         self.reported.add(file_id)
-        if self.first_failure is None:
+        name = self.names.get(file_id, file_id)
+        if self.first_failure is None:  # the log has the first; the events socket has each
             self.first_failure = (code, message)
-        name = self.file_name(file_id)
-        log.warning("from %s: %s: %s: %s", self.address, name, code, printable(message))
+            log.warning("from %s: %s: %s: %s", self.address, name, code, printable(message))
         self.ctx.publish(api.file_failed_event(self.describe(), name, code, message))
-
-    def file_name(self, file_id: str) -> str:
-        for offer in self.offer.files:
-            if offer.id == file_id:
-                return "/".join(offer.path)
-        return file_id  # a refused name is not repeated: it may be anything
 
 
 class LsReceive(Receiving):
