@@ -173,6 +173,64 @@ def test_a_peer_that_was_never_reached_fails_at_once(net, tmp_path):
     assert out.returncode == 4 and "retrying" not in out.stdout and "resuming" not in out.stdout
 
 
+def waiting_send(a, b, f: Path, *options: str) -> subprocess.Popen:
+    """A `tnet send` from ``a`` whose receiver ``b`` (ACCEPT=ask) went away mid-offer:
+    it has failed one attempt and waits to try again."""
+    send = subprocess.Popen(a.cli_args("send", "--json", *options, b.address, str(f)), env=a.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b.events().wait_for(lambda e: e["event"] == "offer")
+    assert b.terminate() == 0
+    return send
+
+
+def ended(send: subprocess.Popen) -> List[Dict[str, Any]]:
+    try:
+        stdout, _ = send.communicate(timeout=60)
+    finally:
+        if send.poll() is None:
+            send.kill()
+            send.communicate()
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_a_send_whose_next_attempt_cannot_start_says_it_ended(net, tmp_path):
+    """Every connection taken (MAX_CONNECTIONS) while the send waits: no attempt
+    starts, so the send itself publishes its end, with the code it ends with."""
+    a, b = net.daemon("alpha", MAX_CONNECTIONS="2"), net.daemon("bravo", ACCEPT="ask")
+    events = a.events()
+    send = waiting_send(a, b, random_file(tmp_path / "f.bin", MiB, seed=8), "--retry-for", "3")
+    first = events.wait_for(lambda e: e["event"] == "transfer-failed")
+    held = [socket.create_connection((a.address, crafted.PORT), 30) for _ in range(2)]
+    try:
+        lines = ended(send)
+    finally:
+        for sock in held:
+            sock.close()
+    assert send.returncode != 0 and lines[-1]["code"] == "busy"
+    last = events.wait_for(lambda e: e["event"] == "transfer-failed" and e["code"] == "busy", what="the end")
+    assert last["id"] == first["id"] and a.request("transfers")[-1]["transfers"] == []
+    assert a.request("history")[-1]["entries"][-1]["code"] == "busy"
+
+
+def test_a_send_waiting_when_its_daemon_stops_ends_with_shutdown(net, tmp_path):
+    a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
+    events = a.events()
+    send = waiting_send(a, b, random_file(tmp_path / "f.bin", MiB, seed=9))
+    first = events.wait_for(lambda e: e["event"] == "transfer-failed")
+    wait_until(lambda: any(t["id"] == first["id"] for t in a.request("transfers")[-1]["transfers"]),
+               what="the send to wait")
+    assert a.terminate() == 0
+    lines = ended(send)
+    assert send.returncode == 4 and lines[-1]["code"] == "shutdown"
+    assert first["message"] == "bravo is shutting down"  # the receiver's; now the sender's own:
+    last = events.wait_for(lambda e: e["event"] == "transfer-failed" and e["message"] == lines[-1]["error"],
+                           what="the end")
+    assert last["id"] == first["id"] and last["code"] == "shutdown" and lines[-1]["error"] != first["message"]
+    history = [json.loads(line) for line in (a.dir / "state" / "history.jsonl").read_text().splitlines()]
+    codes = [e["code"] for e in history if e.get("id") == first["id"]]
+    assert codes == ["shutdown", "shutdown"]  # the attempt's, then the send's
+
+
 def test_a_send_between_two_attempts_is_listed_and_cancelled(net, tmp_path):
     a, b = net.daemon("alpha"), net.daemon("bravo", ACCEPT="ask")
     sent_events, offers = a.events(), b.events()

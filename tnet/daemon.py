@@ -40,6 +40,7 @@ from .loop import Listener, Loop
 from .outbound import OutboundPeer
 from .peers import PeerConn, PeerContext, Refusal
 from .recorder import Recorder
+from .sending import SendJob
 from .store import Store, StoreError, remove_quietly
 from .util import Config, StateDirError, monotonic, open_state_dir
 
@@ -175,6 +176,10 @@ class Daemon:
         """Fail open transfers cleanly, tell peers and clients, remove the socket files."""
         if self.localsend is not None:
             self.localsend.close()  # its transfers fail with "shutdown", published below
+        for transfer in list(self.peers.registry.transfers.values()):
+            if isinstance(transfer, SendJob) and transfer.waiting():  # no connection of its own to be told by
+                self.loop.guarded(transfer, functools.partial(transfer.fail, "shutdown",
+                                                              "the daemon is shutting down"))
         for item in self.loop.handlers():
             self.loop.guarded(item, functools.partial(self.say_goodbye, item))
         self.events.flush_all()
@@ -197,7 +202,7 @@ class Daemon:
         elif isinstance(item, ClientConn) and not item.closed:
             if item.busy:
                 item.fail("shutdown", "the daemon is shutting down")
-                item.flush()
+            item.flush()  # that answer, or one a send waiting to try again gave above
             item.close()
 
     def run(self) -> int:

@@ -154,7 +154,6 @@ class SendJob:
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
         if self.waiting():  # `tnet cancel` between two attempts
-            self.ended_waiting(code, message)
             self.fail_for_good(code, message)
             return
         moved = self.take_resumed()
@@ -173,6 +172,8 @@ class SendJob:
             self.fail_for_good(code, message)
 
     def fail_for_good(self, code: str, message: str) -> None:
+        if self.attempt is None and self.attempts and not self.answered:
+            self.ended_between_attempts(code, message)
         if self.end():
             self.client.fail(code, message)
 
@@ -217,8 +218,9 @@ class SendJob:
         """Between two attempts: the backoff runs."""
         return self.deadline < math.inf and not self.answered
 
-    def ended_waiting(self, code: str, message: str) -> None:
-        """No attempt runs to say it: the send says it ended."""
+    def ended_between_attempts(self, code: str, message: str) -> None:
+        """No attempt runs to say it (cancelled in the backoff, or the next one
+        could not start): the send says it ended."""
         self.ctx.publish(api.transfer_failed_event(self.describe(), code, message))
 
     def describe(self) -> Dict[str, Any]:
@@ -249,7 +251,7 @@ class SendJob:
     def cancel(self, code: str, message: str) -> None:
         """The client is gone, or asked to stop."""
         if self.waiting():
-            self.ended_waiting(code, message)
+            self.ended_between_attempts(code, message)
         self.answered = True
         attempt, self.attempt = self.attempt, None
         self.close()
