@@ -207,6 +207,12 @@ def test_options_go_anywhere_after_the_command():
     with pytest.raises(SystemExit) as unknown:
         cli.parse_command_line(["send", "laptop", "a", "--bogus", "b"])
     assert unknown.value.code == 2
+    parsed = cli.parse_command_line(["message", "--json", "laptop", "--", "--all"])  # after --, words only
+    assert (parsed.peer, parsed.text, parsed.all, parsed.json) == ("laptop", "--all", False, True)
+    for words in (["message", "--", "laptop", "--all", "--json"], ["message", "--", "laptop", "hi", "--pin", "1"]):
+        with pytest.raises(SystemExit) as extra:  # a word too many, not options after all
+            cli.parse_command_line(words)
+        assert extra.value.code == 2
 
 
 def test_a_send_with_an_option_between_its_files_sends_them_all(net, tmp_path):

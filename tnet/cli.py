@@ -687,11 +687,13 @@ def parse_command_line(argv: Optional[List[str]]) -> argparse.Namespace:
     the command's own parser takes again, options and positionals intermixed."""
     parser, commands = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest:
-        words = sys.argv[1:] if argv is None else argv
-        after = words[words.index(args.command) + 1:]
-        args = commands[args.command].parse_intermixed_args(after, argparse.Namespace(command=args.command))
-    return args
+    if not rest:
+        return args
+    words = sys.argv[1:] if argv is None else argv
+    after = words[words.index(args.command) + 1:]
+    if "--" in after:  # what follows it is never an option, but the intermixed pass would read options there
+        parser.parse_args(argv)  # the plain parser's error for the words left over
+    return commands[args.command].parse_intermixed_args(after, argparse.Namespace(command=args.command))
 
 
 def add_command(sub: Any, name: str, handler: Callable[..., int], help_text: str, *examples: str,
