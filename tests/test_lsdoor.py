@@ -12,11 +12,12 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from conftest import free_udp_port, wait_until
@@ -232,10 +233,48 @@ def test_ask_timeout_declines_and_a_sender_that_hangs_up_withdraws(ls_net):
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                  % (ls.PREPARE_UPLOAD_PATH.encode(), len(body), body))
     events.wait_for(lambda e: e["event"] == "offer")
-    sock.close()
+    reset(sock)
     gone = events.wait_for(lambda e: e["event"] == "transfer-failed" and e["code"] == "cancelled")
     assert "withdrew" in gone["message"]
     assert d.request("transfers")[-1]["transfers"] == []
+
+
+def reset(sock: socket.socket) -> None:
+    """Hang up for good: a reset. (A close sends what a half-close does, and the sender may
+    still be reading: the daemon learns it is gone when a write to it fails.)"""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def answer_to_the_close(sock: socket.socket) -> Tuple[int, bytes]:
+    """The status and body of the one answer, read up to the daemon's close."""
+    status, rest = read_response(sock)
+    return status, rest + b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_sender_that_half_closes_after_its_offer_is_answered_and_a_reset_withdraws(ls_net):
+    d = ls_net("alpha", https=False, ACCEPT="ask", ASK_TIMEOUT="60")
+    events = d.events()
+    data = b"kept"
+    socks, ids = [], []
+    for name in ("half.bin", "reset.bin"):
+        sock = raw(d.address, d.ls_port)
+        body = json.dumps({"info": INFO, "files": {"a": entry("a", name, data)}}).encode()
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (ls.PREPARE_UPLOAD_PATH.encode(), len(body), body))
+        ids.append(events.wait_for(lambda e: e["event"] == "offer" and e["id"] not in ids)["id"])
+        sock.shutdown(socket.SHUT_WR)
+        socks.append(sock)
+    reset(socks[1])  # noticed within a probe of the half-closed connection
+    gone = events.wait_for(lambda e: e["event"] == "transfer-failed" and e["code"] == "cancelled")
+    assert gone["id"] == ids[1]
+    assert [t["id"] for t in d.request("transfers")[-1]["transfers"]] == [ids[0]]
+    assert d.cli("accept", ids[0]).returncode == 0
+    status, body = answer_to_the_close(socks[0])
+    answer = json.loads(body)
+    assert status == 200 and "a" in answer["files"]
+    assert sender(d).upload(answer["sessionId"], "a", answer["files"]["a"], data)[0] == 200
+    assert (d.downloads / "half.bin").read_bytes() == data
 
 
 def test_not_enough_space_is_507_before_any_byte(ls_net):
@@ -553,6 +592,21 @@ def test_from_another_file_system_files_are_copied_into_place_and_space_is_check
     events.wait_for(lambda e: e["event"] == "transfer-done")
     status, answer = sender(d).prepare({"a": entry("a", "too-big.bin", b"", size=20 * 1024 * 1024)})
     assert status == 507 and "not enough space" in answer["message"]
+    nothing_left(d)
+
+
+def test_a_sender_that_half_closes_after_its_body_gets_its_answer_after_the_copy(ls_net, tmpfs):
+    d = ls_net("alpha", https=False, FILE_SAVE_DIR=str(tmpfs / "Downloads"))
+    events = d.events()
+    data = os.urandom(15 * 1024 * 1024)  # two slices of the copy: the half-close comes between them
+    _, session, token = one_session(d, data)
+    sock = raw(d.address, d.ls_port)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                 % (ls.upload_target(session, "a", token).encode(), len(data)) + data)
+    sock.shutdown(socket.SHUT_WR)
+    assert answer_to_the_close(sock)[0] == 200
+    events.wait_for(lambda e: e["event"] == "transfer-done")
+    assert (tmpfs / "Downloads" / "a.bin").read_bytes() == data
     nothing_left(d)
 
 

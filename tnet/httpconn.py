@@ -55,7 +55,8 @@ class HttpConn(Conn):
 
     Hooks: ``on_event`` (each parser event), ``on_http_error`` (the peer broke
     HTTP), ``on_secure`` (TLS is up, or at once in clear), ``on_tls_error``,
-    ``on_peer_closed`` (the peer closed between messages), ``on_received``
+    ``on_peer_closed`` (the peer closed its side: between messages, or
+    after one that is not answered yet), ``on_received``
     (plaintext bytes came in).
     """
 
@@ -198,6 +199,10 @@ class HttpConn(Conn):
                 self.close()
                 return
 
+    def still_reading(self) -> bool:
+        """After EOF: may an answer still reach the peer? Not over a TLS it ended without close_notify."""
+        return (self.tls is None or not self.tls.broken) and super().still_reading()
+
     # -- writing
 
     def send_plain(self, data: bytes) -> None:
@@ -225,6 +230,8 @@ class HttpConn(Conn):
             self.tls.close_notify()
             self.send_cipher()
         self.set_deadline(self.loop.clock() + LINGER_S)
+        # A peer that half-closed before has nothing more to send: no reset to fear, nothing to read.
+        self.close_when_flushed = not self.reading
         self.flush()
 
     def flush(self) -> None:

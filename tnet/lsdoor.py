@@ -54,6 +54,7 @@ LISTEN_BACKLOG = 1024  # a burst of connections (a phone's parallel uploads, a f
 ACCEPTS_PER_WAKE = 64  # connections taken per turn of the loop; then the others have their turn
 OUTBOUND_SHARE = 4  # as daemon.py: a quarter of MAX_CONNECTIONS is not taken from others
 MAX_BUFFERED_JSON_BYTES = 16 * 1024 * 1024  # request bodies held at once, all connections: two maximal offers
+HALF_CLOSED_PROBE_S = 2.0  # how often a sender that half-closed while its answer waits is checked for being gone
 DEVICE_MODEL = "tnet"  # what LocalSend apps show under our alias
 DEVICE_TYPE = "headless"  # a daemon without a screen of its own
 
@@ -70,7 +71,8 @@ class Phase(enum.Enum):
     NEW = "new"  #: accepted: TLS and the first request's head are due within HANDSHAKE_TIMEOUT
     IDLE = "idle"  #: between requests: the next one's head within IDLE_TIMEOUT
     BODY = "body"  #: a request is read: MIN_PROGRESS_BYTES per IDLE_TIMEOUT, or it ends
-    WAITING = "waiting"  #: the answer waits on us (a decision, a copy): no deadline of its own
+    WAITING = "waiting"  #: the answer waits on us (a decision, a copy): no deadline of its own, but a
+    #: sender that half-closed is probed every HALF_CLOSED_PROBE_S
     CLOSING = "closing"  #: the last answer is out; lingering
 
 
@@ -105,6 +107,8 @@ class DoorConn(HttpConn):
         self.phase = phase
         self.door.may_make_room(self, phase in _MAKES_ROOM)
         self.moved = 0
+        if phase is Phase.WAITING and not self.reading:
+            timeout = HALF_CLOSED_PROBE_S  # a pipelined request after the half-close waits too
         self.set_deadline(math.inf if timeout is None else self.loop.clock() + timeout)
 
     # -- requests
@@ -192,6 +196,9 @@ class DoorConn(HttpConn):
             self.on_http_error(exc)
             return
         self.dispatch(events)
+        if self.http.state is http.State.CLOSED and not self.closed and not self.lingering:
+            self.enter(Phase.CLOSING, None)  # it half-closed before: every request it sent is answered
+            self.linger()
 
     def hold(self, transfer: LsReceive) -> None:
         """A prepare-upload that waits for the transfer's answer (at once in ACCEPT=auto)."""
@@ -230,9 +237,23 @@ class DoorConn(HttpConn):
         self.close()
 
     def on_peer_closed(self) -> None:
+        # A sender that shuts down its writing half after a whole request (HTTP/1.1
+        # allows it) still reads the answer waiting on a decision or a copy. One gone
+        # altogether (a reset) fails even a write of nothing: its request ends now.
+        if self.phase is Phase.WAITING and self.still_reading():
+            self.reading = False  # EOF stays readable: the selector would wake us for it every turn
+            self.want_write(bool(self.out))
+            self.enter(Phase.WAITING, None)
+            return
         self.close()
 
     def on_deadline(self) -> None:
+        if self.phase is Phase.WAITING:  # only a sender that half-closed has a deadline here
+            if self.still_reading():
+                self.enter(Phase.WAITING, None)  # probed again
+            else:
+                self.close()
+            return
         if self.upload is not None and not self.lingering:
             cfg = self.door.config
             self.fail_upload("timeout", f"{self.address} sent less than {MIN_PROGRESS_BYTES} bytes in "

@@ -220,6 +220,7 @@ class TlsPipe:
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
         self.established = False
+        self.broken = False  # the peer ended TLS without close_notify: OpenSSL refuses to write any more
 
     def receive(self, data: Union[bytes, memoryview]) -> None:
         self.incoming.write(data)
@@ -247,6 +248,7 @@ class TlsPipe:
         except ssl.SSLZeroReturnError:
             raise TlsClosed(True) from None
         except ssl.SSLEOFError:
+            self.broken = True
             raise TlsClosed(False) from None
         if n == 0:  # the peer's close_notify (ssl reports it so, not as SSLZeroReturnError)
             raise TlsClosed(True)
