@@ -169,7 +169,7 @@ def test_a_declined_offer_is_exit_5_and_a_cancel_withdraws_a_held_one(ls_pair, t
     sees(alpha, "bravo")
     note = tmp_path / "note.txt"
     note.write_text("hi\n")
-    events = bravo.events()
+    events, sent = bravo.events(), alpha.events()
     send = subprocess.Popen(alpha.cli_args("send", "bravo", str(note)), env=alpha.env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=alpha.dir)
     offer = events.wait_for(lambda e: e["event"] == "offer")
@@ -190,6 +190,8 @@ def test_a_declined_offer_is_exit_5_and_a_cancel_withdraws_a_held_one(ls_pair, t
     gone = events.wait_for(lambda e: e["event"] == "transfer-failed" and e["id"] == second["id"])
     assert gone["code"] == "cancelled"
     assert bravo.request("transfers")[-1]["transfers"] == []
+    ends = wait_until(lambda: sent.of("transfer-failed")[1:] and sent.of("transfer-failed"), what="both sends' ends")
+    assert [e["code"] for e in ends] == ["declined", "cancelled"] and len({e["id"] for e in ends}) == 2  # one each
 
 
 def test_a_sender_whose_client_goes_away_withdraws_its_offer(ls_pair, tmp_path):

@@ -56,6 +56,7 @@ class SendJob:
         self.answered_entries = bytearray()  # per entry of the batch: SAVED or FAILED once the receiver answered it
         self.failures: List[tuple] = []  # (code, message) of entries that failed for good
         self.attempt: Optional[OutboundPeer] = None
+        self.between_attempts = False  # one broke and the next has not started: no attempt is there to tell the end
         self.last_order: List[int] = []
         self.attempts = 0
         self.failed_in_a_row = 0  # attempts that broke since the batch last moved: the backoff grows with them
@@ -123,7 +124,7 @@ class SendJob:
         except OSError as exc:  # no socket to be had (EMFILE)
             self.fail("io-error", f"cannot open a connection: {exc.strerror}")
             return
-        self.attempt = conn
+        self.attempt, self.between_attempts = conn, False
         self.attempts += 1
         conn.connect(self.ctx.config.receive_port)
 
@@ -172,7 +173,7 @@ class SendJob:
             self.fail_for_good(code, message)
 
     def fail_for_good(self, code: str, message: str) -> None:
-        if self.attempt is None and self.attempts and not self.answered:
+        if self.between_attempts and not self.answered:
             self.ended_between_attempts(code, message)
         if self.end():
             self.client.fail(code, message)
@@ -202,7 +203,7 @@ class SendJob:
         wait = BACKOFF_S[min(self.failed_in_a_row - 1, len(BACKOFF_S) - 1)]
         if self.attempt is not None:
             self.peer_name = self.attempt.peer_name or self.peer_name
-        self.attempt = None
+        self.attempt, self.between_attempts = None, True
         self.ctx.registry.transfers[self.id] = self  # listed and cancellable until the next attempt takes the id
         self.client.reply({"event": "retrying", "id": self.id, "attempt": self.attempts + 1, "code": code,
                            "error": message, "in": wait})
@@ -250,7 +251,7 @@ class SendJob:
 
     def cancel(self, code: str, message: str) -> None:
         """The client is gone, or asked to stop."""
-        if self.waiting():
+        if self.between_attempts and not self.answered:
             self.ended_between_attempts(code, message)
         self.answered = True
         attempt, self.attempt = self.attempt, None
