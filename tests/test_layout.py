@@ -31,7 +31,7 @@ ALLOWED = {
     "commands": {"api", "protocol", "clients", "discovery", "loop", "lsdoor", "lsfind", "lssend", "outbound", "peers",
                  "recorder", "sending", "store", "util", "walk"},
     "daemon": {"protocol", "clients", "commands", "discovery", "history", "inbound", "keep", "loop", "lsdoor",
-               "outbound", "peers", "recorder", "store", "util"},
+               "outbound", "peers", "recorder", "sending", "store", "util"},
     "tls": {"util", "x509"},
     "httpconn": {"http", "loop", "tls"},
     "lsfind": {"http", "httpconn", "localsend", "loop", "protocol", "util"},
